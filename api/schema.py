@@ -1,0 +1,109 @@
+"""The request/response contract of POST /v1/generate and the RunPod job input (DESIGN.md).
+
+Pure pydantic: imported by the FastAPI app, the RunPod handler and the thin client alike.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inference.errors import ErrorCode
+
+MAX_SEED = 2**63 - 1 - 8  # seed + i (i < 8) must still fit torch.Generator.manual_seed
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200, description="Stable LoRA id: the cache key. Treated as immutable.")
+    url: str = Field(min_length=1, max_length=4096, description="https://, http:// or s3:// location of the .safetensors file")
+    scale: float = Field(1.0, ge=-4.0, le=4.0)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="expected sha256 of the file")
+
+
+class OutputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["png", "jpeg", "webp"] = "png"
+    delivery: Literal["base64", "url"] = "base64"
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str | None = Field(None, max_length=2000)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=4)
+    image: str | None = Field(None, max_length=64 * 1024 * 1024,
+                              description="https/s3 URL or data: URI of the reference image: img2img")
+    strength: float = Field(0.6, gt=0.0, le=1.0, description="img2img only")
+    width: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="default 1024; img2img: the reference's")
+    height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="default 1024; img2img: the reference's")
+    num_inference_steps: int = Field(30, ge=1, le=100)
+    guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
+    num_images: int = Field(1, ge=1, le=8)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("loras")
+    @classmethod
+    def _unique_ids(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
+        ids = [lora.id for lora in loras]
+        if len(set(ids)) != len(ids):
+            raise ValueError("each LoRA id may appear once per request")
+        return loras
+
+    @model_validator(mode="after")
+    def _both_sides_or_neither(self) -> GenerateRequest:
+        if (self.width is None) != (self.height is None):
+            raise ValueError("give width and height together")
+        return self
+
+
+class ImageOut(BaseModel):
+    seed: int
+    width: int
+    height: int
+    mime: str
+    sha256: str = Field(description="sha256 of the encoded image bytes")
+    base64: str | None = None
+    url: str | None = None
+
+
+class LoraOut(BaseModel):
+    id: str
+    sha256: str
+    source: Literal["resident", "disk", "download"]
+
+
+class ModelOut(BaseModel):
+    id: str
+    dtype: str
+    device: str
+
+
+class Timings(BaseModel):
+    fetch: float = 0.0
+    adapter: float = 0.0
+    inference: float = 0.0
+    encode: float = 0.0
+    upload: float = 0.0
+    total: float = 0.0
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    loras: list[LoraOut]
+    model: ModelOut
+    timings_ms: Timings
+
+
+class ErrorBody(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

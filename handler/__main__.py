@@ -1,0 +1,23 @@
+"""`python -m handler`: load the pipeline once, then serve RunPod jobs one at a time.
+
+The runpod SDK reads its own flags from sys.argv (`--rp_serve_api`, `--test_input`, ...).
+"""
+
+import logging
+
+import runpod
+
+from handler.worker import make_handler
+from inference.service import InferenceService
+from inference.settings import Settings
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    service = InferenceService(Settings())
+    service.load()  # at worker start, not per job
+    runpod.serverless.start({"handler": make_handler(service), "concurrency_modifier": lambda current: 1})
+
+
+if __name__ == "__main__":
+    main()

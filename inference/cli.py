@@ -1,0 +1,160 @@
+"""`sdxl-lora`: the command line. Heavy modules are imported inside each command, so the
+client-only install can still run the commands that need nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except Exception as exc:
+        from inference.errors import ServiceError
+
+        if isinstance(exc, ServiceError):
+            print(f"error [{exc.code.value}]: {exc.message}", file=sys.stderr)
+            return 2
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdxl-lora", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("synth-model", help="write a random-weight SDXL pipeline (diffusers layout)")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_model)
+
+    p = commands.add_parser("synth-lora", help="write a random LoRA that fits a model")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--format", dest="fmt", choices=["diffusers", "kohya"], default="diffusers")
+    p.add_argument("--text-encoders", action="store_true", help="also target both CLIP text encoders")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth_lora)
+
+    p = commands.add_parser("generate", help="one local generation, for quality checks")
+    p.add_argument("--model", required=True, help="Hugging Face model id or local directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--lora", action="append", default=[], metavar="SRC[@SCALE]",
+                   help="LoRA file path or URL (http(s)://, s3://), optionally @scale; repeatable")
+    p.add_argument("--image", type=Path, help="reference image: img2img")
+    p.add_argument("--strength", type=float, default=0.6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--width", type=int)
+    p.add_argument("--height", type=int)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--grid", help="comma-separated LoRA scales: one labelled tile each, scale 0 (no LoRA) first")
+    p.set_defaults(func=cmd_generate)
+
+    p = commands.add_parser("demo", help="the whole path on this machine: synthetic model and LoRA, no GPU, no network")
+    p.add_argument("--out", type=Path, default=Path("out/demo"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def cmd_synth_model(args) -> None:
+    from inference.synthetic import write_model
+
+    started = time.perf_counter()
+    write_model(args.dir, size=args.size, seed=args.seed)
+    print(f"wrote {args.size} synthetic SDXL to {args.dir} in {time.perf_counter() - started:.1f} s")
+
+
+def cmd_synth_lora(args) -> None:
+    from inference.synthetic import write_lora
+
+    write_lora(args.model, args.out, rank=args.rank, fmt=args.fmt, text_encoders=args.text_encoders, seed=args.seed)
+    print(f"wrote {args.fmt} LoRA (rank {args.rank}) to {args.out}")
+
+
+def parse_lora_arg(text: str) -> tuple[str, float]:
+    """`SRC@SCALE` -> (SRC, SCALE); a trailing `@...` that is not a number belongs to SRC."""
+    source, sep, scale = text.rpartition("@")
+    if sep:
+        try:
+            return source, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+def cmd_generate(args) -> None:
+    from inference.images import contact_sheet, decode_image
+    from inference.lora_store import LoraStore
+    from inference.pipeline import Engine, GenerationJob
+    from inference.settings import Settings
+
+    settings = Settings()
+    store = LoraStore.from_settings(settings, allow_local_paths=True)
+    loras = []
+    for text in args.lora:
+        source, scale = parse_lora_arg(text)
+        lora_id = "cli-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+        loras.append((store.fetch(lora_id, source), scale))
+    engine = Engine(args.model, device=args.device or settings.device, dtype=settings.dtype,
+                    max_resident_adapters=max(settings.max_resident_adapters, len(loras)))
+    job = GenerationJob(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, strength=args.strength,
+        image=decode_image(args.image.read_bytes()) if args.image else None,
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.grid:
+        job.loras = loras
+        result = engine.generate(job)
+        result.images[0].save(args.out)
+        print(f"wrote {args.out} (seed {job.seed}, adapters {result.adapter_ms:.0f} ms, inference {result.inference_ms:.0f} ms)")
+        return
+    if not loras:
+        raise SystemExit("--grid needs at least one --lora")
+    scales = sorted({0.0, *(float(s) for s in args.grid.split(","))})
+    tiles = []
+    for scale in scales:
+        job.loras = [(lora, base * scale) for lora, base in loras] if scale else []
+        result = engine.generate(job)
+        tiles.append((result.images[0], f"scale {scale:g}"))
+    contact_sheet(tiles).save(args.out)
+    print(f"wrote {args.out}: {len(tiles)} tiles, scales {', '.join(f'{s:g}' for s in scales)}, seed {job.seed}")
+
+
+def cmd_demo(args) -> None:
+    """Until the service and client exist, the demo is one local generation through the core."""
+    from inference.synthetic import write_lora, write_model
+
+    cache = Path(".cache/demo")
+    model, lora = cache / "tiny-sdxl", cache / "character-lora.safetensors"
+    started = time.perf_counter()
+    if not (model / "model_index.json").exists():
+        write_model(model, size="tiny", seed=0)
+    if not lora.exists():
+        write_lora(model, lora, rank=8, text_encoders=True, seed=1)
+    print(f"synthetic tiny SDXL and LoRA ready in {time.perf_counter() - started:.1f} s ({cache})")
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / "grid.png"
+    cmd_generate(build_parser().parse_args([
+        "generate", "--model", str(model), "--prompt", "a portrait of <s0>, studio light", "--lora", f"{lora}@1.0",
+        "--steps", "8", "--width", "64", "--height", "64", "--device", "cpu", "--out", str(out), "--grid", "0.5,1,1.5",
+    ]))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

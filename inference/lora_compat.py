@@ -1,0 +1,131 @@
+"""Preflight for a LoRA file: does every key land on a module of this pipeline, with fitting shapes?
+
+diffusers only logs a warning when a LoRA's keys match nothing ("No LoRA keys associated to ..."),
+and the image then comes out unchanged; a shape mismatch surfaces half-way through injection.
+So before anything is injected, the file is normalised exactly as diffusers will normalise it
+(kohya/A1111 -> diffusers -> PEFT keys) and checked against the pipeline's modules.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from inference.errors import ErrorCode, ServiceError
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+LYCORIS_MARKERS = ("hada_", "lokr_", ".oft_", "lora_mid", ".dora_scale", "lora_te3_")
+
+
+@dataclass(frozen=True)
+class LoraSummary:
+    """What a compatible LoRA touches: layers per component and the ranks seen."""
+
+    layers: dict[str, int]
+    ranks: tuple[int, ...]
+
+    @property
+    def has_text_encoder_layers(self) -> bool:
+        return any(self.layers.get(c, 0) for c in ("text_encoder", "text_encoder_2"))
+
+
+def incompatible(message: str) -> ServiceError:
+    return ServiceError(ErrorCode.LORA_INCOMPATIBLE, message)
+
+
+def check_lora_file(pipe, path: Path) -> LoraSummary:
+    """Raise lora_incompatible (or lora_invalid) unless the file applies cleanly to `pipe`."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    try:
+        state_dict, _alphas = pipe.lora_state_dict(
+            str(path.parent), weight_name=path.name, unet_config=pipe.unet.config, use_safetensors=True
+        )
+    except Exception as exc:  # diffusers raises ValueError/KeyError/... on layouts it cannot convert
+        raise _conversion_error(path, exc) from exc
+    if not state_dict:
+        raise ServiceError(ErrorCode.LORA_INVALID, "the file holds no LoRA tensors")
+    lycoris = sorted({k for k in state_dict if any(m in k for m in LYCORIS_MARKERS)})
+    if lycoris:
+        raise incompatible(f"LyCORIS/LoHa/LoKr layers are not supported (e.g. {lycoris[0]})")
+
+    stray = sorted(k for k in state_dict if k.split(".", 1)[0] not in COMPONENTS)
+    if stray:
+        raise incompatible(f"{len(stray)} keys match no component of an SDXL pipeline, e.g. {stray[0]!r}")
+
+    layers: dict[str, int] = {}
+    ranks: set[int] = set()
+    for component in COMPONENTS:
+        part = {k.split(".", 1)[1]: v for k, v in state_dict.items() if k.split(".", 1)[0] == component}
+        if not part:
+            continue
+        model = getattr(pipe, component)
+        if component == "unet":
+            if not any("lora_A" in k for k in part):
+                part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            if not hasattr(model, "text_model"):
+                part = {k.removeprefix("text_model."): v for k, v in part.items()}
+        layers[component], component_ranks = _check_component(component, model, part)
+        ranks |= component_ranks
+    if not layers:
+        raise incompatible("no LoRA layer in the file targets this model")
+    return LoraSummary(layers=layers, ranks=tuple(sorted(ranks)))
+
+
+def _conversion_error(path: Path, exc: Exception) -> ServiceError:
+    text = str(exc)
+    if "correctly renamed" in text or any(m in text for m in LYCORIS_MARKERS):
+        return incompatible(f"unsupported LoRA layout (LyCORIS or another non-LoRA network?): {text[:300]}")
+    if "lora" in text.lower() or isinstance(exc, (KeyError, ValueError, IndexError)):
+        return incompatible(f"cannot map the file's keys onto SDXL: {text[:300]}")
+    return ServiceError(ErrorCode.LORA_INVALID, f"cannot read {path.name} as a LoRA: {text[:300]}")
+
+
+def _check_component(component: str, model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[int, set[int]]:
+    """Check PEFT-layout keys (`module.lora_A.weight`, ...) against `model`; return (layer count, ranks)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in part.items():
+        for role in ("lora_A", "lora_B"):
+            marker = f".{role}."
+            if marker in key:
+                module_path, suffix = key.split(marker, 1)
+                if suffix == "weight":
+                    pairs.setdefault(module_path, {})[role] = tensor
+                elif not (role == "lora_B" and suffix == "bias"):
+                    raise incompatible(f"{component}: unexpected LoRA tensor {key!r}")
+                break
+        else:
+            raise incompatible(f"{component}: {key!r} is not a LoRA up/down weight")
+
+    ranks = set()
+    for module_path, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            raise incompatible(f"{component}.{module_path}: has only {sorted(pair)}, needs both down and up weights")
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            raise incompatible(f"{component} has no module {module_path!r} (a LoRA for another architecture, e.g. SD 1.5?)") from None
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        down, up = pair["lora_A"], pair["lora_B"]
+        rank = down.shape[0]
+        if isinstance(base, torch.nn.Linear):
+            expected_down, expected_up = (rank, base.in_features), (base.out_features, rank)
+        elif isinstance(base, torch.nn.Conv2d):
+            expected_down = (rank, base.in_channels // base.groups, *base.kernel_size)
+            expected_up = (base.out_channels, rank, 1, 1)
+        else:
+            raise incompatible(f"{component}.{module_path} is a {type(base).__name__}, not a Linear or Conv2d layer")
+        if tuple(down.shape) != expected_down or tuple(up.shape) != expected_up:
+            raise incompatible(
+                f"{component}.{module_path}: LoRA shapes down {tuple(down.shape)} / up {tuple(up.shape)} "
+                f"do not fit the layer (expects {expected_down} / {expected_up})"
+            )
+        ranks.add(rank)
+    return len(pairs), ranks

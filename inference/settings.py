@@ -1,0 +1,39 @@
+"""Service configuration from the environment (prefix SDXL_LORA_, names fixed by DESIGN.md)."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+GiB = 1024**3
+RUNPOD_VOLUME = Path("/runpod-volume")
+
+
+def default_lora_cache_dir() -> Path:
+    """On RunPod's network volume when mounted, so every worker shares one cache."""
+    if RUNPOD_VOLUME.is_dir():
+        return RUNPOD_VOLUME / "sdxl-lora" / "loras"
+    return Path.home() / ".cache" / "sdxl-lora" / "loras"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDXL_LORA_", extra="ignore")
+
+    model: str = DEFAULT_MODEL
+    device: str = "auto"  # auto | cuda | cuda:N | cpu | mps
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    lora_cache_dir: Path = Field(default_factory=default_lora_cache_dir)
+    lora_cache_max_bytes: int = 20 * GiB
+    max_resident_adapters: int = Field(default=8, ge=1)
+    max_lora_bytes: int = 2 * GiB
+    allow_private_urls: bool = False
+    api_key: str | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = "sdxl-lora/"
+    queue_max: int = Field(default=16, ge=0)
+    # Not in the contract, but a deployer needs them.
+    download_timeout_s: float = 60.0
+    max_image_bytes: int = 32 * 1024**2
+    presign_expiry_s: int = 3600

@@ -1,0 +1,253 @@
+"""Random-weight SDXL pipelines and LoRAs, for tests and benchmarks with no download.
+
+`tiny` keeps SDXL's structure (two CLIP text encoders, text_time conditioning, three UNet levels
+with two layers each, an 8x VAE) at toy widths, so every loader code path (diffusers and kohya
+key layouts included) runs as it would on the real model. `full` uses the real SDXL-base
+configurations, so parameter counts and FLOPs match the production checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# SDXL-base's configurations, as published with stabilityai/stable-diffusion-xl-base-1.0.
+FULL_UNET = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+FULL_TEXT_ENCODER = dict(
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+FULL_TEXT_ENCODER_2 = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+)
+FULL_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=1024, layers_per_block=2,
+    block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.13025, force_upcast=True,
+)
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(16, 32, 32),
+    layers_per_block=2,
+    attention_head_dim=(2, 4, 4),
+    transformer_layers_per_block=(1, 1, 2),
+    cross_attention_dim=64,
+    norm_num_groups=8,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+)
+TINY_TEXT_ENCODER = dict(
+    vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
+)
+TINY_TEXT_ENCODER_2 = dict(TINY_TEXT_ENCODER, hidden_act="gelu")
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
+    block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    scaling_factor=0.13025,
+)
+
+SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    steps_offset=1, timestep_spacing="leading", prediction_type="epsilon", interpolation_type="linear",
+)
+
+SIZES = {
+    "tiny": (TINY_UNET, TINY_TEXT_ENCODER, TINY_TEXT_ENCODER_2, TINY_VAE),
+    "full": (FULL_UNET, FULL_TEXT_ENCODER, FULL_TEXT_ENCODER_2, FULL_VAE),
+}
+
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def write_clip_tokenizer_files(directory: Path) -> None:
+    """A byte-level CLIP BPE vocabulary (no merges): every prompt tokenizes, nothing is downloaded."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = list(_bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+
+
+def build_pipeline(size: str = "tiny", seed: int = 0):
+    """An in-memory StableDiffusionXLPipeline with random weights (fp32, CPU)."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    unet_cfg, te_cfg, te2_cfg, vae_cfg = SIZES[size]
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**te_cfg, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**te2_cfg, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_clip_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(vocab=str(Path(tmp) / "vocab.json"), merges=str(Path(tmp) / "merges.txt"), model_max_length=77, pad_token="!")
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER),
+    )
+
+
+def write_model(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Save a synthetic pipeline in the diffusers layout, loadable with from_pretrained."""
+    directory = Path(directory)
+    pipe = build_pipeline(size, seed)
+    if size == "full":  # 2.6 B parameters: keep the files the size of the real fp16 checkpoint
+        pipe.to(torch.float16)
+    pipe.save_pretrained(directory, safe_serialization=True)
+    (directory / "synthetic.json").write_text(json.dumps({"size": size, "seed": seed}))
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRAs
+
+
+@dataclass(frozen=True)
+class LoraLayer:
+    """One LoRA pair for a Linear layer: W' = W + scale * alpha / rank * up @ down."""
+
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    alpha: float
+
+
+def lora_target_layers(pipe, text_encoders: bool = False) -> dict[str, torch.nn.Linear]:
+    """The usual LoRA targets: UNet attention projections (and CLIP self-attention projections).
+
+    Keys are `component.module.path` in diffusers naming; sorted, so random draws are reproducible.
+    """
+    components = [("unet", pipe.unet, UNET_TARGETS)]
+    if text_encoders:
+        components += [("text_encoder", pipe.text_encoder, TEXT_ENCODER_TARGETS),
+                       ("text_encoder_2", pipe.text_encoder_2, TEXT_ENCODER_TARGETS)]
+    layers = {}
+    for prefix, model, targets in components:
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets):
+                if prefix == "unet" and ".attentions." not in name and not name.startswith("mid_block.attentions"):
+                    continue
+                layers[f"{prefix}.{name}"] = module
+    return dict(sorted(layers.items()))
+
+
+def random_lora(pipe, rank: int = 4, seed: int = 0, text_encoders: bool = False, alpha: float | None = None) -> dict[str, LoraLayer]:
+    """Random LoRA weights for `pipe`, of a magnitude that visibly changes the image."""
+    gen = torch.Generator().manual_seed(seed)
+    alpha = float(rank) / 2 if alpha is None else float(alpha)
+    lora = {}
+    for name, linear in lora_target_layers(pipe, text_encoders).items():
+        down = torch.randn(rank, linear.in_features, generator=gen) / linear.in_features**0.5
+        up = torch.randn(linear.out_features, rank, generator=gen) / rank**0.5
+        lora[name] = LoraLayer(down=down, up=up, alpha=alpha)
+    return lora
+
+
+def _sgm_unet_path(path: str, layers_per_block: int) -> str:
+    """diffusers UNet module path -> the original (SGM) UNet path that kohya's SDXL LoRAs use."""
+    parts = path.split(".")
+    if parts[0] == "down_blocks" and parts[2] == "attentions":
+        block = int(parts[1]) * (layers_per_block + 1) + int(parts[3]) + 1
+        return ".".join(["input_blocks", str(block), "1", *parts[4:]])
+    if parts[0] == "up_blocks" and parts[2] == "attentions":
+        block = int(parts[1]) * (layers_per_block + 1) + int(parts[3])
+        return ".".join(["output_blocks", str(block), "1", *parts[4:]])
+    if parts[0] == "mid_block" and parts[1] == "attentions":
+        return ".".join(["middle_block", "1", *parts[3:]])
+    raise ValueError(f"no SGM name for UNet module {path}")
+
+
+def lora_state_dict(lora: dict[str, LoraLayer], fmt: str, layers_per_block: int = 2) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Serialize LoRA layers into one of the on-disk key layouts: (tensors, safetensors metadata)."""
+    tensors: dict[str, torch.Tensor] = {}
+    if fmt == "diffusers":
+        for name, layer in lora.items():
+            tensors[f"{name}.lora_A.weight"] = layer.down.contiguous()
+            tensors[f"{name}.lora_B.weight"] = layer.up.contiguous()
+        metadata = {}
+        for component in ("unet", "text_encoder", "text_encoder_2"):
+            names = [n.split(".", 1)[1] for n in lora if n.split(".", 1)[0] == component]
+            if names:
+                first = lora[f"{component}.{names[0]}"]
+                config = {"r": first.down.shape[0], "lora_alpha": first.alpha, "target_modules": names}
+                metadata[component] = config
+        return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(_prefixed(metadata))}
+    if fmt == "kohya":
+        kohya_prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+        for name, layer in lora.items():
+            component, path = name.split(".", 1)
+            if component == "unet":
+                path = _sgm_unet_path(path, layers_per_block)
+            key = f"{kohya_prefix[component]}_{path.replace('.', '_')}"
+            tensors[f"{key}.lora_down.weight"] = layer.down.contiguous()
+            tensors[f"{key}.lora_up.weight"] = layer.up.contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(layer.alpha)
+        return tensors, {"format": "pt", "ss_network_module": "networks.lora"}
+    raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {LORA_FORMATS}")
+
+
+def _prefixed(per_component: dict[str, dict]) -> dict:
+    """diffusers stores per-component LoraConfig kwargs flattened as `component.key`."""
+    return {f"{component}.{key}": value for component, config in per_component.items() for key, value in config.items()}
+
+
+def write_lora(model_dir: str | Path, out: str | Path, *, rank: int = 4, fmt: str = "diffusers",
+               text_encoders: bool = False, seed: int = 0) -> Path:
+    """Write a random LoRA that fits the model at `model_dir` (same seed: same weights in every format)."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors.torch import save_file
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    lora = random_lora(pipe, rank=rank, seed=seed, text_encoders=text_encoders)
+    tensors, metadata = lora_state_dict(lora, fmt, pipe.unet.config.layers_per_block)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out), metadata=metadata)
+    return out

@@ -1,0 +1,225 @@
+"""The inference core against independent references, on the tiny synthetic SDXL (CPU).
+
+The reference for "a LoRA at scale s" is the base pipeline with W + s * alpha/rank * up @ down
+merged into its Linear weights by hand, from tensors read straight out of the file: no PEFT.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from inference.errors import ErrorCode, ServiceError
+from inference.lora_store import LoraStore
+from inference.pipeline import Engine, GenerationJob
+
+PROMPT = "a portrait photo of a character, studio light"
+STEPS = 4
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LoraStore(tmp_path / "cache", max_cache_bytes=1 << 30, max_lora_bytes=1 << 28, allow_local_paths=True)
+
+
+@pytest.fixture
+def engine(tiny_model):
+    return Engine(str(tiny_model), device="cpu", max_resident_adapters=3)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def render(engine, store, loras=(), seed=7, width=64, height=64, **kwargs) -> np.ndarray:
+    files = [(store.fetch(path.stem, str(path)), scale) for path, scale in loras]
+    job = GenerationJob(prompt=PROMPT, num_inference_steps=STEPS, seed=seed, width=width, height=height,
+                        loras=files, **kwargs)
+    return pixels(engine.generate(job).images[0])
+
+
+def reference_image(model_dir, lora_scales, seed=7) -> np.ndarray:
+    """Plain diffusers, LoRAs merged into the weights by hand."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for path, scale in lora_scales:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["lora_adapter_metadata"])
+                for key in f.keys():
+                    if not key.endswith(".lora_A.weight"):
+                        continue
+                    component, module_path = key.removesuffix(".lora_A.weight").split(".", 1)
+                    down, up = f.get_tensor(key), f.get_tensor(key.replace("lora_A", "lora_B"))
+                    factor = scale * meta[f"{component}.lora_alpha"] / meta[f"{component}.r"]
+                    getattr(pipe, component).get_submodule(module_path).weight += factor * (up @ down)
+    out = pipe(PROMPT, num_inference_steps=STEPS, width=64, height=64, guidance_scale=7.0,
+               generator=torch.Generator("cpu").manual_seed(seed))
+    return pixels(out.images[0])
+
+
+def max_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a - b).max())
+
+
+def test_same_request_gives_identical_pixels(engine, store):
+    assert np.array_equal(render(engine, store), render(engine, store))
+
+
+def test_base_image_matches_plain_diffusers(engine, store, tiny_model):
+    assert max_diff(render(engine, store), reference_image(tiny_model, [])) == 0
+
+
+def test_attention_uses_sdpa(engine):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert {type(p) for p in engine.txt2img.unet.attn_processors.values()} == {AttnProcessor2_0}
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.0, 1.8])
+def test_lora_matches_hand_merged_weights(engine, store, tiny_model, make_lora, scale):
+    lora = make_lora(seed=1, text_encoders=True)
+    got = render(engine, store, [(lora, scale)])
+    expected = reference_image(tiny_model, [(lora, scale)])
+    assert max_diff(got, expected) <= 2
+    assert np.abs(got - render(engine, store)).mean() > 3, "the LoRA should visibly change the image"
+
+
+def test_two_loras_combine_as_the_sum_of_their_deltas(engine, store, tiny_model, make_lora):
+    a, b = make_lora(seed=1), make_lora(seed=2, text_encoders=True)
+    got = render(engine, store, [(a, 0.7), (b, 0.5)])
+    assert max_diff(got, reference_image(tiny_model, [(a, 0.7), (b, 0.5)])) <= 2
+
+
+def test_scale_zero_is_the_base_image(engine, store, make_lora):
+    base = render(engine, store)
+    assert np.array_equal(render(engine, store, [(make_lora(seed=1, text_encoders=True), 0.0)]), base)
+
+
+def test_switching_a_b_a_is_bit_identical_and_no_lora_is_base(engine, store, make_lora):
+    a, b = make_lora(seed=1, text_encoders=True), make_lora(seed=2)
+    base = render(engine, store)
+    image_a = render(engine, store, [(a, 1.0)])
+    image_b = render(engine, store, [(b, 1.0)])
+    assert not np.array_equal(image_a, image_b)
+    assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
+    assert np.array_equal(render(engine, store), base)
+    assert np.array_equal(render(engine, store, [(b, 1.0)]), image_b)
+
+
+def test_kohya_and_diffusers_files_of_the_same_weights_give_the_same_image(engine, store, make_lora):
+    diffusers_image = render(engine, store, [(make_lora(seed=3, fmt="diffusers", text_encoders=True), 0.9)])
+    kohya_image = render(engine, store, [(make_lora(seed=3, fmt="kohya", text_encoders=True), 0.9)])
+    assert max_diff(diffusers_image, kohya_image) <= 1
+
+
+def test_sources_report_resident_after_first_use(engine, store, make_lora):
+    path = make_lora(seed=1)
+    lora = store.fetch("a", str(path))
+    job = GenerationJob(prompt=PROMPT, num_inference_steps=1, width=64, height=64, loras=[(lora, 1.0)])
+    assert engine.generate(job).lora_sources == [lora.source]
+    assert engine.generate(job).lora_sources == ["resident"]
+
+
+def test_resident_adapters_never_exceed_the_cap(tiny_model, store, make_lora):
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
+    loras = [store.fetch(f"l{i}", str(make_lora(seed=10 + i))) for i in range(4)]
+    for lora in loras + loras[:2]:
+        job = GenerationJob(prompt=PROMPT, num_inference_steps=1, width=64, height=64, loras=[(lora, 1.0)])
+        engine.generate(job)
+        assert len(engine.adapters.resident()) <= 2
+        assert len(engine.adapters.injected_names()) <= 2
+    too_many = GenerationJob(prompt=PROMPT, num_inference_steps=1, loras=[(lora, 1.0) for lora in loras[:3]])
+    with pytest.raises(ServiceError) as err:
+        engine.generate(too_many)
+    assert err.value.code == ErrorCode.INVALID_REQUEST
+
+
+# -- incompatible and broken LoRAs --------------------------------------------------------------
+
+
+def sd15_shaped_lora(path):
+    """Keys of an SD 1.5 kohya LoRA: attention in down_blocks.0 at width 320, which SDXL lacks."""
+    tensors = {}
+    for proj in ("to_q", "to_k", "to_v"):
+        key = f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_{proj}"
+        tensors[f"{key}.lora_down.weight"] = torch.randn(4, 320)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(320, 4)
+        tensors[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, str(path))
+    return path
+
+
+def unmatched_keys_lora(path):
+    save_file({"unet.not_a_block.proj.lora_A.weight": torch.randn(4, 16),
+               "unet.not_a_block.proj.lora_B.weight": torch.randn(16, 4)}, str(path))
+    return path
+
+
+def wrong_shape_lora(path, source):
+    """The right module names with the wrong widths (as a LoRA for a wider model would have)."""
+    with safe_open(str(source), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    key = next(k for k in tensors if k.endswith("attn2.to_k.lora_A.weight"))
+    tensors[key] = torch.randn(tensors[key].shape[0], tensors[key].shape[1] * 2)
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def lycoris_lora(path):
+    key = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.hada_w1_a": torch.randn(16, 4), f"{key}.hada_w1_b": torch.randn(4, 16),
+               f"{key}.hada_w2_a": torch.randn(16, 4), f"{key}.hada_w2_b": torch.randn(4, 16),
+               f"{key}.alpha": torch.tensor(4.0)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("builder", ["sd15", "unmatched", "wrong_shape", "lycoris"])
+def test_incompatible_loras_are_refused_and_leave_nothing_behind(engine, store, make_lora, tmp_path, builder):
+    good = make_lora(seed=1)
+    image_good = render(engine, store, [(good, 1.0)])
+    path = tmp_path / f"{builder}.safetensors"
+    {"sd15": sd15_shaped_lora, "unmatched": unmatched_keys_lora, "lycoris": lycoris_lora,
+     "wrong_shape": lambda p: wrong_shape_lora(p, good)}[builder](path)
+    before = engine.adapters.injected_names()
+    with pytest.raises(ServiceError) as err:
+        render(engine, store, [(path, 1.0)])
+    assert err.value.code == ErrorCode.LORA_INCOMPATIBLE, err.value.message
+    assert engine.adapters.injected_names() == before
+    assert np.array_equal(render(engine, store, [(good, 1.0)]), image_good)
+
+
+def test_a_load_failing_half_way_leaves_no_adapter_injected(engine, store, make_lora, monkeypatch):
+    base = render(engine, store)
+    lora = store.fetch("te", str(make_lora(seed=4, text_encoders=True)))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated failure after the UNet was injected")
+
+    monkeypatch.setattr(engine.txt2img, "load_lora_into_text_encoder", fail)
+    with pytest.raises(ServiceError):
+        engine.generate(GenerationJob(prompt=PROMPT, num_inference_steps=STEPS, loras=[(lora, 1.0)]))
+    assert engine.adapters.injected_names() == set()
+    assert engine.adapters.resident() == []
+    monkeypatch.undo()
+    assert np.array_equal(render(engine, store), base)
+
+
+# -- img2img -----------------------------------------------------------------------------------
+
+
+def test_img2img_keeps_the_reference_size_and_is_deterministic(engine, store, make_lora):
+    reference = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    first = render(engine, store, [(make_lora(seed=1), 1.0)], image=reference, strength=0.5, width=None, height=None)
+    again = render(engine, store, [(make_lora(seed=1), 1.0)], image=reference, strength=0.5, width=None, height=None)
+    assert first.shape == (48, 80, 3)
+    assert np.array_equal(first, again)
