@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="comma-separated LoRA scales: one labelled tile each, scale 0 (no LoRA) first")
     p.set_defaults(func=cmd_generate)
 
+    p = commands.add_parser("serve", help="the FastAPI service")
+    p.add_argument("--model", help="Hugging Face model id or local directory (default: SDXL_LORA_MODEL)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
+
     p = commands.add_parser("demo", help="the whole path on this machine: synthetic model and LoRA, no GPU, no network")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.set_defaults(func=cmd_demo)
@@ -134,6 +140,17 @@ def cmd_generate(args) -> None:
         tiles.append((result.images[0], f"scale {scale:g}"))
     contact_sheet(tiles).save(args.out)
     print(f"wrote {args.out}: {len(tiles)} tiles, scales {', '.join(f'{s:g}' for s in scales)}, seed {job.seed}")
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from api.app import create_app
+    from inference.settings import Settings
+
+    settings = Settings(**({"model": args.model} if args.model else {}))
+    logging.getLogger("sdxl_lora").setLevel(logging.INFO)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
 def cmd_demo(args) -> None:
