@@ -1,13 +1,28 @@
 """LoRA files: fetched once, verified, cached on disk by LoRA id and content hash.
 
-A download streams into `.tmp/`, is hashed on the way, checked against the expected sha256 and
-parsed as safetensors (header only: nothing is ever unpickled), then renamed into place in one
-step. So the cache never holds a partial or unverified file. A per-id thread lock plus a file
-lock make concurrent requests for one new LoRA download it once, across threads and across
-processes sharing the directory (RunPod workers on one network volume).
+A download streams into ``cache_dir/.tmp/``, is hashed on the way, checked against the expected
+sha256 when one is given, and parsed as safetensors (the header, by safetensors' own Rust
+parser: nothing is ever unpickled, `torch.load` is never called), then fsynced and renamed into
+``cache_dir`` in one step. So the cache never holds a partial or unverified file, and every
+failure path removes its temp file.
 
-The LoRA id is treated as immutable: without an expected sha256, any cached file for that id
-is a hit.
+Files are named ``{slug}-{sha256}.safetensors``: the slug is a filesystem-safe form of the LoRA
+id plus a hash of the raw id (ids may hold ``/`` or anything else; two ids never share a slug).
+The raw id is remembered in ``.ids/{slug}`` for listings.
+
+**The LoRA id is treated as immutable.** With an expected sha256, only the file with that hash
+is a hit. Without one, any cached file for that id is a hit, whatever the URL now says: a new
+version of a LoRA needs a new id (or its sha256).
+
+A hit bumps the file's mtime: that is the LRU clock (atime is unreliable, network volumes
+included). After each download the least recently used files are evicted until the cache is
+within `max_cache_bytes`; the file being returned is never evicted, so one file larger than the
+cap is still served (and is then the only one kept).
+
+Concurrent `fetch` calls for the same new LoRA download it once: a per-slug thread lock within
+the process, then a `filelock.FileLock` in ``.locks/`` across processes sharing the directory
+(RunPod workers on one network volume), and the cache is checked again once both are held.
+Different LoRAs download in parallel.
 """
 
 from __future__ import annotations
@@ -16,21 +31,32 @@ import hashlib
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import unquote, urlparse
-
-from filelock import FileLock
+from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
 
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client
+
+if TYPE_CHECKING:
+    from inference.settings import Settings
 
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 STALE_TMP_SECONDS = 3600
+ID_HASH_HEX = 24  # 96 bits of sha256(raw id) in every slug
+LOCK_WAIT_MARGIN_S = 60.0
+_FILE_RE = re.compile(r"(?P<slug>[A-Za-z0-9._]+\.[0-9a-f]{%d})-(?P<sha>[0-9a-f]{64})\.safetensors" % ID_HASH_HEX)
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+REMOTE_SCHEMES = ("https", "http", "s3")
 
 
 @dataclass(frozen=True)
@@ -43,50 +69,84 @@ class LoraFile:
 
 
 def id_slug(lora_id: str) -> str:
-    """Filesystem-safe and collision-free: readable part + hash of the raw id."""
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", lora_id)[:60].strip("._") or "lora"
-    return f"{readable}.{hashlib.sha256(lora_id.encode()).hexdigest()[:12]}"
+    """A filesystem-safe, collision-free name for a LoRA id: a readable part plus a hash of the raw id.
+
+    The readable part holds only ``[A-Za-z0-9._]`` (never ``-``, which separates slug and sha256
+    in file names), so a slug never prefixes another id's file name.
+    """
+    readable = re.sub(r"[^A-Za-z0-9._]+", "_", lora_id).strip("._")[:48] or "lora"
+    digest = hashlib.sha256(lora_id.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HASH_HEX]
+    return f"{readable}.{digest}"
+
+
+def normalize_sha256(sha256: str | None) -> str | None:
+    """Lower-case hex, or None. Anything but 64 hex digits is refused (it also names a file)."""
+    if sha256 is None or sha256 == "":
+        return None
+    value = sha256.strip().lower()
+    value = value.removeprefix("sha256:")
+    if not _SHA_RE.fullmatch(value):
+        raise ServiceError(ErrorCode.INVALID_REQUEST, "sha256 must be 64 hexadecimal characters")
+    return value
 
 
 class LoraStore:
+    """Download, verify and cache LoRA ``.safetensors`` files (see the module docstring).
+
+    `allow_private_urls` lets http(s) URLs reach private and loopback addresses (tests, same-VPC
+    hosts). `allow_local_paths` accepts ``file://`` URLs and plain paths: the local CLI sets it,
+    the network service must not. `timeout_s` bounds connecting and each wait for data;
+    `deadline_s` the whole download (default: see `inference.fetch.fetch_to_file`).
+    """
+
     def __init__(self, cache_dir: Path, *, max_cache_bytes: int, max_lora_bytes: int,
                  allow_private_urls: bool = False, allow_local_paths: bool = False,
-                 timeout_s: float = 60.0, s3_endpoint_url: str | None = None):
+                 timeout_s: float = 60.0, s3_endpoint_url: str | None = None, deadline_s: float | None = None):
         self.cache_dir = Path(cache_dir)
         self.max_cache_bytes = max_cache_bytes
         self.max_lora_bytes = max_lora_bytes
         self.allow_private_urls = allow_private_urls
         self.allow_local_paths = allow_local_paths
         self.timeout_s = timeout_s
+        self.deadline_s = deadline_s
         self.s3_endpoint_url = s3_endpoint_url
-        self._tmp = self.cache_dir / ".tmp"
+        self._tmp_dir = self.cache_dir / ".tmp"
         self._locks_dir = self.cache_dir / ".locks"
-        self._ids_dir = self.cache_dir / ".ids"  # slug -> raw LoRA id, for listings
-        for d in (self.cache_dir, self._tmp, self._locks_dir, self._ids_dir):
+        self._ids_dir = self.cache_dir / ".ids"
+        for d in (self.cache_dir, self._tmp_dir, self._locks_dir, self._ids_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._guard = threading.Lock()
-        self._id_locks: dict[str, threading.Lock] = {}
+        self._slug_locks: dict[str, list] = {}  # slug -> [lock, number of threads using it]
         self._s3 = None
         self._remove_stale_tmp()
 
     @classmethod
-    def from_settings(cls, settings, **overrides) -> LoraStore:
-        kwargs = dict(max_cache_bytes=settings.lora_cache_max_bytes, max_lora_bytes=settings.max_lora_bytes,
-                      allow_private_urls=settings.allow_private_urls, timeout_s=settings.download_timeout_s,
-                      s3_endpoint_url=settings.s3_endpoint_url)
+    def from_settings(cls, settings: Settings, **overrides) -> LoraStore:
+        """A store configured from `Settings`; keyword overrides win (e.g. ``allow_local_paths=True``)."""
+        kwargs = dict(cache_dir=settings.lora_cache_dir, max_cache_bytes=settings.lora_cache_max_bytes,
+                      max_lora_bytes=settings.max_lora_bytes, allow_private_urls=settings.allow_private_urls,
+                      timeout_s=settings.download_timeout_s, s3_endpoint_url=settings.s3_endpoint_url)
         kwargs.update(overrides)
-        return cls(settings.lora_cache_dir, **kwargs)
+        return cls(kwargs.pop("cache_dir"), **kwargs)
 
     # -- public --------------------------------------------------------------------------------
 
     def fetch(self, lora_id: str, url: str, sha256: str | None = None) -> LoraFile:
-        expected = sha256.lower() if sha256 else None
+        """The verified local file for `lora_id`: from the cache, else downloaded from `url` now.
+
+        Raises ServiceError: ``lora_download_failed`` when the file cannot be fetched (unsupported
+        or refused URL, HTTP error, timeout, too large, connection closed early), ``lora_invalid``
+        when it is not a readable safetensors file or its sha256 differs from `sha256`, and
+        ``invalid_request`` for a malformed `sha256`.
+        """
+        expected = normalize_sha256(sha256)
+        self._check_source(url)  # the same answer whether or not the id happens to be cached
         slug = id_slug(lora_id)
-        hit = self._cached(lora_id, slug, expected)
+        hit = self._lookup(lora_id, slug, expected)
         if hit:
             return hit
-        with self._id_lock(slug), FileLock(str(self._locks_dir / f"{slug}.lock")):
-            hit = self._cached(lora_id, slug, expected)  # another thread or process may have just fetched it
+        with self._slug_lock(slug), self._file_lock(slug):
+            hit = self._lookup(lora_id, slug, expected)  # another thread or process may have fetched it meanwhile
             if hit:
                 return hit
             lora = self._download(lora_id, slug, url, expected)
@@ -94,120 +154,273 @@ class LoraStore:
         return lora
 
     def entries(self) -> list[LoraFile]:
-        """Cached files, most recently used first."""
-        files = []
-        for path in self.cache_dir.glob(f"*{SUFFIX}"):
+        """The files in the cache now, most recently used first (source ``"disk"``)."""
+        found = []
+        for path in self._cache_files():
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            slug, _, digest = path.stem.rpartition("-")
-            try:
-                lora_id = (self._ids_dir / slug).read_text()
-            except OSError:
-                lora_id = slug
-            files.append((stat.st_mtime, LoraFile(lora_id, digest, path, stat.st_size, "disk")))
-        return [f for _, f in sorted(files, key=lambda item: item[0], reverse=True)]
+            match = _FILE_RE.fullmatch(path.name)
+            found.append((stat.st_mtime_ns, path.name,
+                          LoraFile(self._raw_id(match["slug"]), match["sha"], path, stat.st_size, "disk")))
+        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
+        return [lora for _, _, lora in found]
 
-    # -- internals -----------------------------------------------------------------------------
+    # -- cache ---------------------------------------------------------------------------------
 
-    def _cached(self, lora_id: str, slug: str, expected: str | None) -> LoraFile | None:
-        candidates = [self.cache_dir / f"{slug}-{expected}{SUFFIX}"] if expected else \
-            sorted(self.cache_dir.glob(f"{slug}-*{SUFFIX}"), key=_mtime, reverse=True)
+    def _cache_files(self) -> Iterator[Path]:
+        for path in self.cache_dir.iterdir():
+            if _FILE_RE.fullmatch(path.name):
+                yield path
+
+    def _lookup(self, lora_id: str, slug: str, expected: str | None) -> LoraFile | None:
+        if expected:
+            candidates = [self.cache_dir / f"{slug}-{expected}{SUFFIX}"]
+        else:
+            candidates = [p for p in self._cache_files() if _FILE_RE.fullmatch(p.name)["slug"] == slug]
+            candidates.sort(key=_mtime_ns, reverse=True)
         for path in candidates:
             try:
-                os.utime(path)  # the LRU clock; works on network volumes where atime does not
+                os.utime(path)  # the LRU clock
                 size = path.stat().st_size
-            except FileNotFoundError:
+            except FileNotFoundError:  # never there, or evicted a moment ago
                 continue
-            return LoraFile(lora_id, path.stem.rpartition("-")[2], path, size, "disk")
+            return LoraFile(lora_id, _FILE_RE.fullmatch(path.name)["sha"], path, size, "disk")
         return None
 
-    def _download(self, lora_id: str, slug: str, url: str, expected: str | None) -> LoraFile:
-        tmp = self._tmp / f"{slug}.{os.getpid()}.{threading.get_ident()}.part"
-        started = time.perf_counter()
-        try:
-            with open(tmp, "wb") as out:
-                hasher = _HashingWriter(out)
-                self._fetch_into(url, hasher)
-                out.flush()
-                os.fsync(out.fileno())
-            digest = hasher.hexdigest()
-            if expected and digest != expected:
-                raise ServiceError(ErrorCode.LORA_INVALID, f"sha256 mismatch: expected {expected}, got {digest}")
-            validate_safetensors(tmp)
-            final = self.cache_dir / f"{slug}-{digest}{SUFFIX}"
-            (self._ids_dir / slug).write_text(lora_id)
-            os.replace(tmp, final)
-        finally:
-            tmp.unlink(missing_ok=True)
-        log.info("fetched LoRA %s (%d bytes) in %.0f ms", lora_id, hasher.size, (time.perf_counter() - started) * 1e3)
-        return LoraFile(lora_id, digest, final, hasher.size, "download")
-
-    def _fetch_into(self, url: str, dest) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme in ("http", "https", "s3"):
-            try:
-                fetch_to_file(url, dest, allow_private=self.allow_private_urls, max_bytes=self.max_lora_bytes,
-                              timeout_s=self.timeout_s, s3_client_factory=self._s3_client)
-            except FetchError as exc:
-                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"cannot fetch the LoRA: {exc}") from exc
-            return
-        if parsed.scheme in ("file", "") and self.allow_local_paths:
-            path = Path(unquote(parsed.path) if parsed.scheme == "file" else url)
-            try:
-                if path.stat().st_size > self.max_lora_bytes:
-                    raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"{path} is larger than {self.max_lora_bytes} bytes")
-                with open(path, "rb") as source:
-                    while chunk := source.read(1 << 20):
-                        dest.write(chunk)
-            except OSError as exc:
-                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"cannot read {path}: {exc.strerror}") from exc
-            return
-        raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
-                           f"unsupported LoRA location {url[:200]!r}: use https://, http:// or s3://")
-
     def _evict(self, keep: Path) -> None:
-        """Remove least recently used files until the cache fits its byte cap."""
+        """Remove least recently used files until the cache fits `max_cache_bytes`; never `keep`."""
         files = []
-        for path in self.cache_dir.glob(f"*{SUFFIX}"):
+        for path in self._cache_files():
             try:
-                files.append((path.stat().st_mtime, path.stat().st_size, path))
+                stat = path.stat()
             except FileNotFoundError:
                 continue
-        total = sum(size for _, size, _ in files)
-        for _, size, path in sorted(files):
+            files.append((stat.st_mtime_ns, path.name, stat.st_size, path))
+        total = sum(size for _, _, size, _ in files)
+        for _, _, size, path in sorted(files):
             if total <= self.max_cache_bytes:
                 break
             if path == keep:
                 continue
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink()
+            except FileNotFoundError:  # another process evicted it first
+                pass
             total -= size
-            log.info("evicted %s from the LoRA disk cache", path.name)
+            log.info("evicted %s (%d bytes) from the LoRA disk cache", path.name, size)
 
-    def _id_lock(self, slug: str) -> threading.Lock:
-        with self._guard:
-            return self._id_locks.setdefault(slug, threading.Lock())
+    def _raw_id(self, slug: str) -> str:
+        try:
+            return (self._ids_dir / slug).read_text(encoding="utf-8", errors="surrogatepass")
+        except OSError:
+            return slug
 
-    def _s3_client(self):
-        if self._s3 is None:
-            self._s3 = make_s3_client(self.s3_endpoint_url)
-        return self._s3
+    def _remember_id(self, slug: str, lora_id: str) -> None:
+        target = self._ids_dir / slug
+        if self._raw_id(slug) == lora_id:
+            return
+        fd, name = tempfile.mkstemp(dir=self._tmp_dir, suffix=".id")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
+                f.write(lora_id)
+            os.replace(name, target)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
 
     def _remove_stale_tmp(self) -> None:
+        """Temp files older than an hour are left from a crash (a live download keeps writing to its own)."""
         cutoff = time.time() - STALE_TMP_SECONDS
-        for path in self._tmp.glob("*.part"):
+        for path in self._tmp_dir.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()
-            except FileNotFoundError:
+                    log.info("removed stale temp file %s", path.name)
+            except OSError:
                 pass
+
+    # -- locks ---------------------------------------------------------------------------------
+
+    def _lock_wait_s(self) -> float:
+        if self.deadline_s is not None:
+            download = self.deadline_s
+        else:
+            from inference.fetch import MIN_AVERAGE_BYTES_PER_S
+
+            download = self.timeout_s + self.max_lora_bytes / MIN_AVERAGE_BYTES_PER_S
+        return download + LOCK_WAIT_MARGIN_S
+
+    @contextmanager
+    def _slug_lock(self, slug: str):
+        with self._guard:
+            entry = self._slug_locks.setdefault(slug, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            if not entry[0].acquire(timeout=self._lock_wait_s()):
+                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                                   "timed out waiting for another request that is downloading this LoRA")
+            try:
+                yield
+            finally:
+                entry[0].release()
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del self._slug_locks[slug]
+
+    @contextmanager
+    def _file_lock(self, slug: str):
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self._locks_dir / f"{slug}.lock"), timeout=self._lock_wait_s())
+        try:
+            lock.acquire()
+        except Timeout as exc:
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                               "timed out waiting for another worker that is downloading this LoRA") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # -- download ------------------------------------------------------------------------------
+
+    def _download(self, lora_id: str, slug: str, url: str, expected: str | None) -> LoraFile:
+        started = time.perf_counter()
+        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug[:40]}.", suffix=".part")
+        tmp = Path(name)
+        moved = False
+        try:
+            with os.fdopen(fd, "wb") as out:
+                sink = _HashingWriter(out)
+                self._read_source(url, sink)
+                out.flush()
+                os.fsync(out.fileno())
+            digest = sink.hexdigest()
+            if expected and digest != expected:
+                raise ServiceError(ErrorCode.LORA_INVALID, f"sha256 mismatch: expected {expected}, got {digest}")
+            validate_safetensors(tmp)
+            final = self.cache_dir / f"{slug}-{digest}{SUFFIX}"
+            self._remember_id(slug, lora_id)
+            os.replace(tmp, final)
+            moved = True
+            _fsync_dir(self.cache_dir)
+        finally:
+            if not moved:
+                tmp.unlink(missing_ok=True)
+        log.info("fetched LoRA %r from %s: %d bytes in %.0f ms", lora_id, _redact(url), sink.size,
+                 (time.perf_counter() - started) * 1e3)
+        return LoraFile(lora_id, digest, final, sink.size, "download")
+
+    def _check_source(self, url: str) -> None:
+        scheme = urlsplit(url).scheme.lower()
+        if scheme in REMOTE_SCHEMES:
+            return
+        if _is_local(url):
+            if self.allow_local_paths:
+                return
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                               f"local files are not accepted here ({_redact(url)!r}): "
+                               "use an https://, http:// or s3:// URL")
+        raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                           f"unsupported LoRA URL {_redact(url)!r}: use https://, http:// or s3://"
+                           + (" (or a local path)" if self.allow_local_paths else ""))
+
+    def _read_source(self, url: str, dest: BinaryIO) -> None:
+        if _is_local(url):
+            self._read_local(url, dest)
+            return
+        try:
+            fetch_to_file(url, dest, allow_private=self.allow_private_urls, max_bytes=self.max_lora_bytes,
+                          timeout_s=self.timeout_s, deadline_s=self.deadline_s, s3_client_factory=self._s3_client)
+        except FetchError as exc:
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"cannot fetch the LoRA: {exc.message}") from exc
+
+    def _read_local(self, url: str, dest: BinaryIO) -> None:
+        parts = urlsplit(url)
+        if parts.scheme.lower() == "file":
+            if parts.netloc not in ("", "localhost"):
+                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"file:// URLs must be local: {_redact(url)!r}")
+            path = Path(url2pathname(unquote(parts.path)))
+        else:
+            path = Path(url).expanduser()
+        try:
+            with open(path, "rb") as source:
+                size = os.fstat(source.fileno()).st_size
+                if size > self.max_lora_bytes:
+                    raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                                       f"{path} is {size} bytes, more than the {self.max_lora_bytes} allowed")
+                total = 0
+                while chunk := source.read(1 << 20):
+                    total += len(chunk)
+                    if total > self.max_lora_bytes:
+                        raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                                           f"{path} is more than the {self.max_lora_bytes} bytes allowed")
+                    dest.write(chunk)
+        except FileNotFoundError as exc:
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"no such file: {path}") from exc
+        except IsADirectoryError as exc:
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"{path} is a directory, not a file") from exc
+        except PermissionError as exc:
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"cannot read {path}: permission denied") from exc
+
+    def _s3_client(self):
+        with self._guard:
+            if self._s3 is None:
+                self._s3 = make_s3_client(self.s3_endpoint_url, timeout_s=self.timeout_s)
+            return self._s3
+
+
+# -- validation ------------------------------------------------------------------------------------
+
+
+def validate_safetensors(path: Path) -> int:
+    """Parse `path` as safetensors (header and offsets, by the Rust parser) and count its tensors.
+
+    Nothing is unpickled. Raises ServiceError(lora_invalid) with what the file looks like instead.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            count = len(list(f.keys()))
+    except Exception as exc:  # safetensors' SafetensorError, OSError, ...
+        raise ServiceError(ErrorCode.LORA_INVALID, _explain_unreadable(path, exc)) from exc
+    if count == 0:
+        raise ServiceError(ErrorCode.LORA_INVALID, "the safetensors file holds no tensors")
+    return count
+
+
+def _explain_unreadable(path: Path, exc: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "not a safetensors file: the file is empty"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head.startswith(b"PK\x03\x04"):
+        return ("not a safetensors file: looks like a pickle checkpoint (.ckpt/.pt/.bin), which is never loaded; "
+                "convert it to .safetensors")
+    if head[257:262] == b"ustar":
+        return ("not a safetensors file: looks like a tar archive (such as Replicate's trained_model.tar); "
+                "pass the URL of the .safetensors file inside it")
+    if head.startswith(b"\x1f\x8b"):
+        return "not a safetensors file: looks like a gzip archive"
+    if head.lstrip()[:1] == b"<":
+        return ("not a safetensors file: looks like an HTML page rather than the file itself "
+                "(for Hugging Face, use a .../resolve/... URL, not .../blob/...)")
+    reason = str(exc).removeprefix("Error while deserializing header: ").strip()[:160]
+    return f"not a readable safetensors file (truncated or corrupt: {reason})"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 class _HashingWriter:
-    """A file-like sink that hashes and counts what passes through."""
+    """A binary sink that hashes and counts what it passes on."""
 
-    def __init__(self, out):
+    def __init__(self, out: BinaryIO):
         self._out = out
         self._hash = hashlib.sha256()
         self.size = 0
@@ -221,29 +434,36 @@ class _HashingWriter:
         return self._hash.hexdigest()
 
 
-def _mtime(path: Path) -> float:
+def _is_local(url: str) -> bool:
+    scheme = urlsplit(url).scheme.lower()
+    return scheme == "file" or (scheme == "" and bool(url))
+
+
+def _redact(url: str) -> str:
+    """The URL without query string or fragment (presigned URLs carry credentials there), shortened."""
+    if urlsplit(url).scheme.lower() == "s3":
+        return url[:200]
+    parts = urlsplit(url)
+    shown = f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else parts.path
+    return shown if len(shown) <= 200 else shown[:199] + "…"
+
+
+def _mtime_ns(path: Path) -> int:
     try:
-        return path.stat().st_mtime
+        return path.stat().st_mtime_ns
     except FileNotFoundError:
-        return 0.0
+        return 0
 
 
-PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
-
-
-def validate_safetensors(path: Path) -> None:
-    """Parse the header with safetensors' own (Rust) parser; never unpickle. Raises lora_invalid."""
-    from safetensors import safe_open
-
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(PICKLE_MAGIC):
-        raise ServiceError(ErrorCode.LORA_INVALID,
-                           "not a safetensors file: looks like a pickle/zip checkpoint, which is never loaded")
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (best effort: not every filesystem lets a directory be fsynced)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            count = len(list(f.keys()))
-    except Exception as exc:  # SafetensorError, OSError, ...
-        raise ServiceError(ErrorCode.LORA_INVALID, f"not a readable safetensors file: {str(exc)[:200]}") from exc
-    if count == 0:
-        raise ServiceError(ErrorCode.LORA_INVALID, "the safetensors file holds no tensors")
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
