@@ -18,8 +18,9 @@ from api.schema import GenerateRequest
 from handler.worker import make_handler
 from inference.service import InferenceService
 from inference.settings import Settings
+from tests.fakes import LiveServer, wait_ready
 from tests.servers import FileServer
-from tests.test_api import LiveServer, post, wait_ready
+from tests.test_api import post
 
 ROOT = Path(__file__).resolve().parents[1]
 
