@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.set_defaults(func=cmd_serve)
 
+    p = commands.add_parser("bench", help="benchmarks against the per-request-reload baseline (see bench/)",
+                            add_help=False)
+    p.add_argument("which", choices=["adapters", "replay", "overhead", "gpu"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
+    p.set_defaults(func=cmd_bench)
+
+    p = commands.add_parser("compat", help="the video-model compatibility matrix (client side; no GPU extras)")
+    p.add_argument("--probe", action="store_true", help="read each model's input schema from the Replicate API")
+    p.add_argument("--file", help="matrix file (default: the packaged one, or SDXL_LORA_COMPAT_FILE)")
+    p.add_argument("--token", help="Replicate API token (default: REPLICATE_API_TOKEN)")
+    p.add_argument("--replicate-url", default="https://api.replicate.com")
+    p.set_defaults(func=cmd_compat)
+
     p = commands.add_parser("demo", help="the whole path on this machine: synthetic model and LoRA, no GPU, no network")
     p.add_argument("--out", type=Path, default=Path("out/demo"))
     p.set_defaults(func=cmd_demo)
@@ -153,24 +166,50 @@ def cmd_serve(args) -> None:
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
 
 
-def cmd_demo(args) -> None:
-    """Until the service and client exist, the demo is one local generation through the core."""
-    from inference.synthetic import write_lora, write_model
+def cmd_bench(args) -> None:
+    import importlib
 
-    cache = Path(".cache/demo")
-    model, lora = cache / "tiny-sdxl", cache / "character-lora.safetensors"
-    started = time.perf_counter()
-    if not (model / "model_index.json").exists():
-        write_model(model, size="tiny", seed=0)
-    if not lora.exists():
-        write_lora(model, lora, rank=8, text_encoders=True, seed=1)
-    print(f"synthetic tiny SDXL and LoRA ready in {time.perf_counter() - started:.1f} s ({cache})")
-    args.out.mkdir(parents=True, exist_ok=True)
-    out = args.out / "grid.png"
-    cmd_generate(build_parser().parse_args([
-        "generate", "--model", str(model), "--prompt", "a portrait of <s0>, studio light", "--lora", f"{lora}@1.0",
-        "--steps", "8", "--width", "64", "--height", "64", "--device", "cpu", "--out", str(out), "--grid", "0.5,1,1.5",
-    ]))
+    importlib.import_module(f"bench.{args.which}").main(args.rest)
+
+
+def cmd_compat(args) -> int:
+    import os
+
+    from client.compat import load_matrix
+
+    matrix = load_matrix(args.file)
+    print(f"{'model':18} {'replicate model':32} {'image field':18} {'LoRA field':26} direct  checked")
+    for entry in matrix.values():
+        print(f"{entry.name:18} {entry.replicate_model:32} {entry.image_field:18} {entry.lora_field or '-':26} "
+              f"{'yes' if entry.direct_lora_supported else 'no':7} {entry.checked}")
+    if not args.probe:
+        return 0
+    from client.replicate import ReplicateClient, ReplicateError, lora_like_inputs
+
+    token = args.token or os.environ.get("REPLICATE_API_TOKEN")
+    if not token:
+        print("--probe needs --token or REPLICATE_API_TOKEN", file=sys.stderr)
+        return 2
+    client = ReplicateClient(token, base_url=args.replicate_url)
+    print("\nprobe (latest version's input schema; no prediction is run):")
+    for entry in matrix.values():
+        try:
+            inputs = client.input_schema(entry.replicate_model)
+        except ReplicateError as exc:
+            print(f"{entry.name:18} error: {exc}")
+            continue
+        found = lora_like_inputs(inputs)
+        agrees = bool(found) == entry.direct_lora_supported
+        print(f"{entry.name:18} LoRA-like inputs: {', '.join(found) or 'none':50} "
+              f"image field present: {'yes' if entry.image_field in inputs else 'NO'}  "
+              f"{'matches matrix' if agrees else 'DIFFERS from matrix'}")
+    return 0
+
+
+def cmd_demo(args) -> None:
+    from api.demo import run_demo
+
+    run_demo(args.out)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,11 @@ class Engine:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_resident_adapters: int = 8):
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
 
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
         self.model_id = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

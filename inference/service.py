@@ -56,6 +56,8 @@ class InferenceService:
     # -- lifecycle -----------------------------------------------------------------------------
 
     def load(self) -> None:
+        import runpod.serverless.utils.rp_ssrf  # noqa: F401  (slow first import: pay it at start, not in a request)
+
         if self.engine is None:
             s = self.settings
             self.engine = Engine(resolve_model(s.model), device=s.device, dtype=s.dtype,

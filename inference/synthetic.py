@@ -142,6 +142,8 @@ def write_model(directory: str | Path, size: str = "tiny", seed: int = 0) -> Pat
     if size == "full":  # 2.6 B parameters: keep the files the size of the real fp16 checkpoint
         pipe.to(torch.float16)
     pipe.save_pretrained(directory, safe_serialization=True)
+    for tokenizer in ("tokenizer", "tokenizer_2"):  # also the BPE source files, for slow-tokenizer loaders
+        write_clip_tokenizer_files(directory / tokenizer)
     (directory / "synthetic.json").write_text(json.dumps({"size": size, "seed": seed}))
     return directory
 
