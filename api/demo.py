@@ -7,10 +7,9 @@ and one video job through the client's LoraApplicator with a SQLite ledger.
 
 from __future__ import annotations
 
-import functools
-import threading
+import base64
+import io
 import time
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 CACHE = Path(".cache/demo")
@@ -31,18 +30,9 @@ def character_reference(path: Path) -> None:
     image.save(path)
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
 def run_demo(out_dir: Path) -> Path:
-    import uvicorn
-    from PIL import Image
-
     from api.app import create_app
-    from client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
-    from inference.images import contact_sheet
+    from api.local_server import LocalFileServer, LocalServer
     from inference.settings import Settings
     from inference.synthetic import write_lora, write_model
 
@@ -56,72 +46,52 @@ def run_demo(out_dir: Path) -> Path:
     character_reference(files / "reference.png")
     print(f"[1/4] synthetic tiny SDXL + character LoRA ready ({time.perf_counter() - started:.1f} s, {CACHE})")
 
-    file_server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(files)))
-    threading.Thread(target=file_server.serve_forever, daemon=True).start()
-    files_url = f"http://127.0.0.1:{file_server.server_address[1]}"
-
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(model=str(model), device="cpu", allow_private_urls=True, lora_cache_dir=out_dir / "lora-cache")
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    try:
-        base = _wait_for(server)
-        print(f"[2/4] service up at {base} (LoRAs and reference served from {files_url})")
-
-        db = out_dir / "video.db"
-        db.unlink(missing_ok=True)
-        store = SqlStore(f"sqlite:///{db}")
-        store.put_lora("demo-character", status="completed", url=f"{files_url}/character-lora.safetensors",
-                       trigger="<s0>")
-        store.create_job("demo-job")
-        clip = ClipPrompt("clip-1", "a person waves at the camera", [f"{files_url}/reference.png"],
-                          [f"{files_url}/scene.png"])
-        backend = ServiceBackend(base)
-        applicator = LoraApplicator(store, backend, options=EnhanceOptions(num_inference_steps=8, strength=0.6))
-        job_started = time.perf_counter()
-        result = applicator.apply("demo-job", [clip], video_model="kling_v21", lora_model_id="demo-character")
-        job_s = time.perf_counter() - job_started
-        print(f"[3/4] job through LoraApplicator: path={result.path} in {job_s * 1e3:.0f} ms"
-              + (f"; warnings: {result.warnings}" if result.warnings else ""))
-
-        original = Image.open(files / "reference.png").convert("RGB")
-        enhanced_uri = result.clips[0].character_reference_urls[0]
-        tiles = [(original, "original")]
-        if enhanced_uri.startswith("data:"):
-            import base64
-            import io
-
-            enhanced = Image.open(io.BytesIO(base64.b64decode(enhanced_uri.split(",", 1)[1]))).convert("RGB")
-            tiles.append((enhanced, "enhanced"))
-        sheet_path = out_dir / "reference_vs_enhanced.png"
-        contact_sheet(tiles).resize((len(tiles) * 256, 256 + 56), Image.Resampling.NEAREST).save(sheet_path)
-
-        for row in store.job_costs("demo-job"):
-            details = row["details"] or {}
-            timings = details.get("timings_ms", {})
-            print(f"      cost: {row['stage']}/{row['api_name']} clip={row['clip_id']} ${row['cost']:.6f} "
-                  f"(lora source: {details.get('lora_source')}; service ms: "
-                  + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ")")
-        print(f"      job total_cost: ${store.total_cost('demo-job'):.6f}")
-        print(f"[4/4] wrote {sheet_path} (original | enhanced); ledger in {db}")
-        backend.close()
-        return sheet_path
-    finally:
-        server.should_exit = True
-        file_server.shutdown()
+    with LocalFileServer(files) as files_url, LocalServer(create_app(settings), wait_ready=True) as base:
+        return _run_job(base, files, files_url, out_dir)
 
 
-def _wait_for(server, timeout_s: float = 60.0) -> str:
-    import httpx
+def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
+    from PIL import Image
 
-    deadline = time.time() + timeout_s
-    while not server.started:
-        if time.time() > deadline:
-            raise RuntimeError("the service did not start")
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    while httpx.get(f"{base}/readyz").status_code != 200:
-        if time.time() > deadline:
-            raise RuntimeError("the pipeline did not load")
-        time.sleep(0.05)
-    return base
+    from client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
+    from inference.images import contact_sheet
+
+    print(f"[2/4] service up at {base} (LoRAs and reference served from {files_url})")
+
+    db = out_dir / "video.db"
+    db.unlink(missing_ok=True)
+    store = SqlStore(f"sqlite:///{db}")
+    store.put_lora("demo-character", status="completed", url=f"{files_url}/character-lora.safetensors",
+                   trigger="<s0>")
+    store.create_job("demo-job")
+    clip = ClipPrompt("clip-1", "a person waves at the camera", [f"{files_url}/reference.png"],
+                      [f"{files_url}/scene.png"])
+    backend = ServiceBackend(base)
+    applicator = LoraApplicator(store, backend, options=EnhanceOptions(num_inference_steps=8, strength=0.6))
+    job_started = time.perf_counter()
+    result = applicator.apply("demo-job", [clip], video_model="kling_v21", lora_model_id="demo-character")
+    job_s = time.perf_counter() - job_started
+    print(f"[3/4] job through LoraApplicator: path={result.path} in {job_s * 1e3:.0f} ms"
+          + (f"; warnings: {result.warnings}" if result.warnings else ""))
+
+    original = Image.open(files / "reference.png").convert("RGB")
+    enhanced_uri = result.clips[0].character_reference_urls[0]
+    tiles = [(original, "original")]
+    if enhanced_uri.startswith("data:"):
+        enhanced = Image.open(io.BytesIO(base64.b64decode(enhanced_uri.split(",", 1)[1]))).convert("RGB")
+        tiles.append((enhanced, "enhanced"))
+    sheet_path = out_dir / "reference_vs_enhanced.png"
+    contact_sheet(tiles).resize((len(tiles) * 256, 256 + 56), Image.Resampling.NEAREST).save(sheet_path)
+
+    for row in store.job_costs("demo-job"):
+        details = row["details"] or {}
+        timings = details.get("timings_ms", {})
+        print(f"      cost: {row['stage']}/{row['api_name']} clip={row['clip_id']} ${row['cost']:.6f} "
+              f"(lora source: {details.get('lora_source')}; service ms: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ")")
+    print(f"      job total_cost: ${store.total_cost('demo-job'):.6f}")
+    print(f"[4/4] wrote {sheet_path} (original | enhanced); ledger in {db}")
+    backend.close()
+    return sheet_path

@@ -1,46 +1,46 @@
-"""Live services for tests: uvicorn on a free loopback port, and a fake Replicate API."""
+"""Live services for tests: the app on loopback, the handler's local API, and a fake Replicate API."""
 
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
+from api.local_server import LocalServer, wait_until_ready
 
-class LiveServer:
-    """An ASGI app served by uvicorn in a thread on a free loopback port."""
 
-    def __init__(self, app):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            if time.time() > deadline or not self.thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+LiveServer = LocalServer
 
 
 def wait_ready(base: str, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if httpx.get(f"{base}/readyz").status_code == 200:
-            return
-        time.sleep(0.05)
-    raise AssertionError("service never became ready")
+    wait_until_ready(base, timeout)
+
+
+def start_handler_api(env: dict, cwd) -> tuple[subprocess.Popen, str]:
+    """`python -m handler --rp_serve_api` on a free loopback port; returns (process, base URL) once it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "handler", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
+                             "--rp_api_port", str(port)], env=env, cwd=cwd,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            httpx.get(f"{base}/openapi.json", timeout=2)
+            return proc, base
+        except httpx.TransportError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("the handler's local API did not start") from None
+            time.sleep(0.2)
 
 
 class FakeReplicate:

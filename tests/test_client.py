@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +18,7 @@ from PIL import Image
 
 from client import ClipPrompt, EnhanceOptions, LoraApplicator, ReplicateClient, RunPodBackend, ServiceBackend, SqlStore
 from client.compat import load_matrix
-from tests.fakes import FakeReplicate, LiveServer, wait_ready
+from tests.fakes import FakeReplicate, LiveServer, start_handler_api, wait_ready
 from tests.servers import FileServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,22 +285,9 @@ def test_compat_probe_reports_lora_like_inputs(capsys):
 def test_runpod_backend_matches_the_service_backend(tmp_path, store, files, service, tiny_model):
     env = dict(os.environ, SDXL_LORA_MODEL=str(tiny_model), SDXL_LORA_DEVICE="cpu",
                SDXL_LORA_ALLOW_PRIVATE_URLS="true", SDXL_LORA_LORA_CACHE_DIR=str(tmp_path / "w"), PYTHONPATH=str(ROOT))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "handler", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-                             "--rp_api_port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, base = start_handler_api(env, ROOT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.time() < deadline
-                time.sleep(0.2)
-        via_runpod = applicator(store, RunPodBackend(None, None, base_url=f"http://127.0.0.1:{port}")).apply(
+        via_runpod = applicator(store, RunPodBackend(None, None, base_url=base)).apply(
             "job-rp", clips(files)[:1], "kling_v21", "char")
     finally:
         proc.terminate()

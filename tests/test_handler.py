@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +16,7 @@ from api.schema import GenerateRequest
 from handler.worker import make_handler
 from inference.service import InferenceService
 from inference.settings import Settings
-from tests.fakes import LiveServer, wait_ready
+from tests.fakes import LiveServer, start_handler_api, wait_ready
 from tests.servers import FileServer
 from tests.test_api import post
 
@@ -61,12 +59,6 @@ def fastapi_image(tmp_path_factory, tiny_model, body) -> dict:
     return response.json()["images"][0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_test_input_mode_returns_the_fastapi_image(worker_env, body, fastapi_image):
     proc = subprocess.run([sys.executable, "-m", "handler", "--test_input", json.dumps({"input": body})],
                           env=worker_env, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -85,21 +77,8 @@ def test_test_input_mode_exits_1_on_an_error_result(worker_env):
 
 
 def test_serve_api_runsync_and_run_status_return_the_fastapi_image(worker_env, body, fastapi_image):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "handler", "--rp_serve_api", "--rp_api_host", "127.0.0.1",
-                             "--rp_api_port", str(port)], env=worker_env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_handler_api(worker_env, ROOT)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                httpx.get(f"{base}/openapi.json", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None and time.time() < deadline, "local API did not start"
-                time.sleep(0.2)
-
         sync = httpx.post(f"{base}/runsync", json={"input": body}, timeout=120).json()
         assert sync["status"] == "COMPLETED", sync
         assert sync["output"]["images"][0]["sha256"] == fastapi_image["sha256"]

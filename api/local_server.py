@@ -1,0 +1,68 @@
+"""Loopback servers in background threads, for the demo, the benchmarks and the tests: the FastAPI
+app (any ASGI app) under uvicorn, and a plain static file server."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class LocalServer:
+    """`with LocalServer(app) as base_url:`; `wait_ready=True` also waits for /readyz."""
+
+    def __init__(self, app, wait_ready: bool = False, timeout_s: float = 300.0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.wait_ready = wait_ready
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> str:
+        deadline = time.monotonic() + self.timeout_s
+        self.thread.start()
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        base = f"http://127.0.0.1:{self.server.servers[0].sockets[0].getsockname()[1]}"
+        if self.wait_ready:
+            wait_until_ready(base, deadline - time.monotonic())
+        return base
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+def wait_until_ready(base: str, timeout_s: float = 60.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{base}/readyz").status_code != 200:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{base} never became ready")
+        time.sleep(0.05)
+
+
+class LocalFileServer:
+    """`with LocalFileServer(directory) as base_url:` serves the directory's files over HTTP."""
+
+    def __init__(self, directory):
+        import functools
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        class Quiet(SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
