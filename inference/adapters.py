@@ -42,6 +42,9 @@ class AdapterCache:
         self.pipe = pipe
         self.max_resident = max_resident
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
+        # What the PEFT layers were last set to; None after any injection or deletion, which can
+        # change the active set behind our back (delete_adapters activates a remaining adapter).
+        self._active_state: tuple | None = None
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class AdapterCache:
         return lora.source
 
     def _inject(self, name: str, lora: LoraFile) -> None:
+        self._active_state = None
         started = time.perf_counter()
         try:
             self.pipe.load_lora_weights(
@@ -123,6 +127,7 @@ class AdapterCache:
         """Remove every trace of adapter `name`, even after a half-finished injection."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        self._active_state = None
         try:
             self.pipe.delete_adapters([name])
         except Exception:  # a half-injected adapter may be unknown to some component's peft_config
@@ -141,11 +146,20 @@ class AdapterCache:
                 config.pop(name, None)
 
     def _set_active(self, active: list[tuple[str, float]]) -> None:
-        """Always set explicitly: deleting an adapter makes PEFT activate another remaining one."""
-        if not self._resident:
+        """Set exactly these adapters active at these scales, unless the layers are known to be so.
+
+        Each PEFT call below walks every LoRA layer (and toggles requires_grad on every adapter's
+        weights), so calls that would change nothing are skipped: the same LoRAs again cost nothing.
+        """
+        state = tuple(active)
+        previous, self._active_state = self._active_state, None  # unknown until the calls succeed
+        if not self._resident or state == previous:
+            self._active_state = previous
             return
         if not active:
             self.pipe.disable_lora()
-            return
-        self.pipe.enable_lora()
-        self.pipe.set_adapters([name for name, _ in active], adapter_weights=[scale for _, scale in active])
+        else:
+            if previous is None or previous == ():
+                self.pipe.enable_lora()
+            self.pipe.set_adapters([name for name, _ in active], adapter_weights=[scale for _, scale in active])
+        self._active_state = state
