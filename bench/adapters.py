@@ -1,0 +1,94 @@
+"""Adapter switching vs. the per-request reload baseline, on one pipeline, variants interleaved.
+
+naive_reload   unload_lora_weights() + load_lora_weights(file) per request (cog-sdxl-style workers)
+cold_load      our path for a LoRA not yet resident, file already on disk (preflight + inject + activate)
+resident_switch our path when the LoRA is resident (set_adapters only)
+base/lora_generate  one generation without LoRA / with one resident LoRA active, as the service runs it
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+from bench.common import BENCH_CACHE, Samples, emit_json, lora_files, machine, print_table, synthetic_model
+
+
+def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, steps: int = 2,
+        resolution: int | None = None, device: str = "auto", as_json: bool = False) -> dict:
+    from inference.lora_store import LoraStore
+    from inference.pipeline import Engine, GenerationJob
+
+    model = synthetic_model(size)
+    engine = Engine(str(model), device=device, max_resident_adapters=loras + 1)
+    pipe = engine.txt2img
+    paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", loras, rank)
+    store = LoraStore(BENCH_CACHE / f"store-{size}", max_cache_bytes=1 << 40, max_lora_bytes=1 << 33,
+                      allow_local_paths=True)
+    files = [store.fetch(p.stem, str(p)) for p in paths]
+    resolution = resolution or (64 if size == "tiny" else 512)
+    job = GenerationJob(prompt="a portrait photo of a character", num_inference_steps=steps,
+                        width=resolution, height=resolution, seed=0)
+
+    def naive(path):
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="naive", use_safetensors=True)
+
+    samples = Samples()
+    cycle = itertools.cycle(range(loras))
+    warm = files[0]
+    engine.adapters.activate([(warm, 1.0)])  # first-use costs (imports, allocator) out of the way
+    engine.generate(job)
+    for _ in range(repeats):
+        i = next(cycle)
+        # naive: the previous request's LoRA is loaded; this request unloads it and loads its own
+        engine.adapters.clear()
+        naive(paths[(i + 1) % loras])
+        samples.time("naive_reload_ms", lambda: naive(paths[i]))
+        pipe.unload_lora_weights()
+        # ours, LoRA not resident (file on disk)
+        engine.adapters.clear()
+        samples.time("cold_load_ms", lambda: engine.adapters.activate([(files[i], 1.0)]))
+        # ours, all resident: switch from the last one made active to another one
+        for f in files:
+            engine.adapters.activate([(f, 1.0)])
+        target = files[i % (loras - 1)]
+        samples.time("resident_switch_ms", lambda: engine.adapters.activate([(target, 1.0)]))
+        # generation with and without the active LoRA
+        samples.time("base_generate_ms", lambda: engine.generate(job))
+        job.loras = [(target, 1.0)]
+        samples.time("lora_generate_ms", lambda: engine.generate(job))
+        job.loras = []
+
+    result = {name: samples.median(name) for name in samples.values}
+    result.update(
+        hotswap_ms=None,
+        resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
+        cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
+        lora_over_base=result["lora_generate_ms"] / result["base_generate_ms"],
+        machine=machine(), size=size, rank=rank, loras=loras, repeats=repeats, steps=steps,
+        resolution=resolution, spread={n: [min(v), max(v)] for n, v in samples.values.items()},
+    )
+    if as_json:
+        emit_json(result)
+    else:
+        print_table(f"adapters: {size} synthetic SDXL, rank {rank}, {loras} LoRAs, {repeats} interleaved repeats, "
+                    f"{steps} steps at {resolution}px; {result['machine']}",
+                    [samples.row(n) for n in samples.values], ("variant", "median ms", "min", "max", "n"))
+        print(f"resident/naive {result['resident_over_naive']:.4f}  cold/naive {result['cold_over_naive']:.3f}  "
+              f"lora/base generate {result['lora_over_base']:.3f}")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdxl-lora bench adapters")
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--loras", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true")
+    a = parser.parse_args(argv)
+    run(a.size, a.rank, a.loras, a.repeats, a.steps, a.resolution, a.device, a.json)

@@ -1,0 +1,96 @@
+"""Shared pieces of the benchmarks: synthetic models on disk, LoRA files, timing, tables."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH_CACHE = Path(".cache/bench")
+
+
+def machine() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}"
+
+
+def synthetic_model(size: str) -> Path:
+    from inference.synthetic import write_model
+
+    path = BENCH_CACHE / f"{size}-sdxl"
+    if not (path / "model_index.json").exists():
+        started = time.perf_counter()
+        write_model(path, size=size, seed=0)
+        print(f"built {size} synthetic SDXL in {time.perf_counter() - started:.0f} s -> {path}")
+    return path
+
+
+def lora_files(pipe, directory: Path, count: int, rank: int, text_encoders: bool = False) -> list[Path]:
+    """`count` random LoRAs of `rank` for `pipe` (built from the in-memory pipeline: no reload)."""
+    from safetensors.torch import save_file
+
+    from inference.synthetic import lora_state_dict, random_lora
+
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed in range(count):
+        path = directory / f"lora-r{rank}-s{seed}{'-te' if text_encoders else ''}.safetensors"
+        if not path.exists():
+            tensors, metadata = lora_state_dict(random_lora(pipe, rank=rank, seed=100 + seed,
+                                                            text_encoders=text_encoders), "diffusers")
+            save_file(tensors, str(path), metadata=metadata)
+        paths.append(path)
+    return paths
+
+
+@dataclass
+class Samples:
+    """Milliseconds per variant; variants are run interleaved (A B A B ...) by the caller."""
+
+    values: dict[str, list[float]] = field(default_factory=dict)
+
+    def time(self, name: str, fn: Callable[[], object]) -> object:
+        started = time.perf_counter()
+        result = fn()
+        self.values.setdefault(name, []).append((time.perf_counter() - started) * 1e3)
+        return result
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.values[name])
+
+    def row(self, name: str) -> tuple[str, float, float, float, int]:
+        v = self.values[name]
+        return name, statistics.median(v), min(v), max(v), len(v)
+
+
+def print_table(title: str, rows: list[tuple], headers: tuple[str, ...]) -> None:
+    print(f"\n{title}")
+    widths = [max(len(str(h)), *(len(_fmt(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("| " + " | ".join("-" * w for w in widths) + " |")
+    for r in rows:
+        print("| " + " | ".join(_fmt(c).ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.3g}"
+    return str(value)
+
+
+def emit_json(payload: dict) -> None:
+    print(json.dumps(payload, sort_keys=True))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
