@@ -72,7 +72,7 @@ TINY_VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
     block_out_channels=(8, 16, 16, 16), norm_num_groups=8,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    scaling_factor=0.13025,
+    scaling_factor=0.13025, force_upcast=False,  # fp32 on CPU anyway; avoids a .to() warning per img2img call
 )
 
 SCHEDULER = dict(
