@@ -7,10 +7,8 @@ import hashlib
 import io
 import pickle
 import threading
-import time
 
 import httpx
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
