@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from inference.errors import ErrorCode, ServiceError
 from inference.lora_compat import LoraSummary, check_lora_file
@@ -30,17 +30,23 @@ class ResidentAdapter:
     uses: int = 0
 
 
+def _can_hotswap(old: LoraSummary, new: LoraSummary) -> bool:
+    """diffusers/PEFT hotswap only UNet layers, and only into modules the old adapter already has."""
+    return not old.has_text_encoder_layers and not new.has_text_encoder_layers and new.modules <= old.modules
+
+
 def adapter_name(lora: LoraFile) -> str:
     """PEFT adapter names become ModuleDict keys: no dots. Keyed by content, not by id."""
     return f"lora_{lora.sha256[:20]}"
 
 
 class AdapterCache:
-    def __init__(self, pipe, max_resident: int):
+    def __init__(self, pipe, max_resident: int, hotswap: bool = True):
         if max_resident < 1:
             raise ValueError("max_resident must be at least 1")
         self.pipe = pipe
         self.max_resident = max_resident
+        self.hotswap = hotswap  # reuse the LRU adapter's layers for a new UNet-only LoRA when full
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         # What the PEFT layers were last set to; None after any injection or deletion, which can
         # change the active set behind our back (delete_adapters activates a remaining adapter).
@@ -79,37 +85,46 @@ class AdapterCache:
                 ErrorCode.INVALID_REQUEST,
                 f"request uses {len(loras)} LoRAs but at most {self.max_resident} can be resident at once",
             )
-        keep = {adapter_name(lora) for lora, _ in loras}
-        sources = [self._ensure_resident(lora, keep) for lora, _ in loras]
-        self._set_active([(adapter_name(lora), scale) for lora, scale in loras])
-        return sources
+        keep = {lora.sha256 for lora, _ in loras}
+        placed = [self._ensure_resident(lora, keep) for lora, _ in loras]
+        self._set_active([(name, scale) for (name, _), (_, scale) in zip(placed, loras)])
+        return [source for _, source in placed]
 
     def clear(self) -> None:
-        for name in list(self._resident):
-            self._evict(name)
+        for key in list(self._resident):
+            self._evict(key)
 
-    def _ensure_resident(self, lora: LoraFile, keep: set[str]) -> str:
-        name = adapter_name(lora)
-        if name in self._resident:
-            self._resident.move_to_end(name)
-            self._resident[name].uses += 1
-            return "resident"
+    def _ensure_resident(self, lora: LoraFile, keep: set[str]) -> tuple[str, str]:
+        """Make `lora` resident; return (its PEFT adapter name, where it came from)."""
+        hit = self._resident.get(lora.sha256)
+        if hit is not None:
+            self._resident.move_to_end(lora.sha256)
+            hit.uses += 1
+            return hit.name, "resident"
         summary = check_lora_file(self.pipe, lora.path)
-        while len(self._resident) >= self.max_resident:
-            victim = next(n for n in self._resident if n not in keep)
-            self._evict(victim)
+        if len(self._resident) >= self.max_resident:
+            victim_key = next(k for k in self._resident if k not in keep)
+            victim = self._resident[victim_key]
+            if self.hotswap and _can_hotswap(victim.summary, summary):
+                del self._resident[victim_key]
+                self._hotswap(victim.name, lora)
+                # the layers keep the old adapter's full set of modules (unused ones zeroed)
+                slot = replace(summary, modules=victim.summary.modules)
+                self._resident[lora.sha256] = ResidentAdapter(name=victim.name, lora=lora, summary=slot, uses=1)
+                return victim.name, lora.source
+            self._evict(victim_key)
+        name = adapter_name(lora)
         self._inject(name, lora)
-        self._resident[name] = ResidentAdapter(name=name, lora=lora, summary=summary, uses=1)
-        return lora.source
+        self._resident[lora.sha256] = ResidentAdapter(name=name, lora=lora, summary=summary, uses=1)
+        return name, lora.source
 
-    def _inject(self, name: str, lora: LoraFile) -> None:
+    def _inject(self, name: str, lora: LoraFile, hotswap: bool = False) -> None:
         self._active_state = None
         self._layers = None
         started = time.perf_counter()
         try:
-            self.pipe.load_lora_weights(
-                str(lora.path.parent), weight_name=lora.path.name, adapter_name=name, use_safetensors=True
-            )
+            self.pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
+                                        use_safetensors=True, hotswap=hotswap)
         except Exception as exc:
             self._purge(name)
             if isinstance(exc, ServiceError):
@@ -118,12 +133,27 @@ class AdapterCache:
             if "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
                 raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}") from exc
             raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}") from exc
-        log.info("adapter %s injected for %s in %.0f ms", name, lora.lora_id, (time.perf_counter() - started) * 1e3)
+        log.info("adapter %s %s for %s in %.0f ms", name, "hot-swapped" if hotswap else "injected", lora.lora_id,
+                 (time.perf_counter() - started) * 1e3)
 
-    def _evict(self, name: str) -> None:
-        self._resident.pop(name, None)
-        self._purge(name)
-        log.info("adapter %s evicted", name)
+    def _hotswap(self, name: str, lora: LoraFile) -> None:
+        """Copy `lora`'s weights into the existing adapter `name` instead of injecting a new one.
+
+        PEFT's hotswap sets each layer's `scaling` for the new adapter but leaves `lora_alpha` and
+        `r` at the old adapter's values, and `set_scale` (run on every activation) recomputes
+        scaling from those: so alpha is rewritten to keep `set_scale(s) == s * new scaling`.
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self._inject(name, lora, hotswap=True)
+        for module in self.pipe.unet.modules():
+            if isinstance(module, BaseTunerLayer) and name in getattr(module, "scaling", {}):
+                module.lora_alpha[name] = module.scaling[name] * module.r[name]
+
+    def _evict(self, key: str) -> None:
+        adapter = self._resident.pop(key)
+        self._purge(adapter.name)
+        log.info("adapter %s (%s) evicted", adapter.name, adapter.lora.lora_id)
 
     def _purge(self, name: str) -> None:
         """Remove every trace of adapter `name`, even after a half-finished injection."""

@@ -24,10 +24,11 @@ LYCORIS_MARKERS = ("hada_", "lokr_", ".oft_", "lora_mid", ".dora_scale", "lora_t
 
 @dataclass(frozen=True)
 class LoraSummary:
-    """What a compatible LoRA touches: layers per component and the ranks seen."""
+    """What a compatible LoRA touches: layers per component, the ranks seen, the modules targeted."""
 
     layers: dict[str, int]
     ranks: tuple[int, ...]
+    modules: frozenset[str] = frozenset()  # "component.module.path"
 
     @property
     def has_text_encoder_layers(self) -> bool:
@@ -60,6 +61,7 @@ def check_lora_file(pipe, path: Path) -> LoraSummary:
 
     layers: dict[str, int] = {}
     ranks: set[int] = set()
+    modules: set[str] = set()
     for component in COMPONENTS:
         part = {k.split(".", 1)[1]: v for k, v in state_dict.items() if k.split(".", 1)[0] == component}
         if not part:
@@ -72,11 +74,13 @@ def check_lora_file(pipe, path: Path) -> LoraSummary:
             part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
             if not hasattr(model, "text_model"):
                 part = {k.removeprefix("text_model."): v for k, v in part.items()}
-        layers[component], component_ranks = _check_component(component, model, part)
+        component_modules, component_ranks = _check_component(component, model, part)
+        layers[component] = len(component_modules)
+        modules |= {f"{component}.{m}" for m in component_modules}
         ranks |= component_ranks
     if not layers:
         raise incompatible("no LoRA layer in the file targets this model")
-    return LoraSummary(layers=layers, ranks=tuple(sorted(ranks)))
+    return LoraSummary(layers=layers, ranks=tuple(sorted(ranks)), modules=frozenset(modules))
 
 
 def _conversion_error(path: Path, exc: Exception) -> ServiceError:
@@ -88,8 +92,8 @@ def _conversion_error(path: Path, exc: Exception) -> ServiceError:
     return ServiceError(ErrorCode.LORA_INVALID, f"cannot read {path.name} as a LoRA: {text[:300]}")
 
 
-def _check_component(component: str, model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[int, set[int]]:
-    """Check PEFT-layout keys (`module.lora_A.weight`, ...) against `model`; return (layer count, ranks)."""
+def _check_component(component: str, model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[set[str], set[int]]:
+    """Check PEFT-layout keys (`module.lora_A.weight`, ...) against `model`; return (module paths, ranks)."""
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in part.items():
         for role in ("lora_A", "lora_B"):
@@ -128,4 +132,4 @@ def _check_component(component: str, model: torch.nn.Module, part: dict[str, tor
                 f"do not fit the layer (expects {expected_down} / {expected_up})"
             )
         ranks.add(rank)
-    return len(pairs), ranks
+    return set(pairs), ranks

@@ -223,3 +223,37 @@ def test_img2img_keeps_the_reference_size_and_is_deterministic(engine, store, ma
     again = render(engine, store, [(make_lora(seed=1), 1.0)], image=reference, strength=0.5, width=None, height=None)
     assert first.shape == (48, 80, 3)
     assert np.array_equal(first, again)
+
+
+# -- hotswap: a full cache reuses the least recently used adapter's layers -----------------------------
+
+
+def lora_with_alpha(engine, path, rank: int, alpha: float, seed: int):
+    from inference.synthetic import lora_state_dict, random_lora
+
+    tensors, metadata = lora_state_dict(random_lora(engine.txt2img, rank=rank, seed=seed, alpha=alpha), "diffusers")
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_hotswapped_lora_matches_hand_merged_weights_and_swaps_back_bit_identical(tiny_model, store, make_lora,
+                                                                                   tmp_path):
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1)
+    a = make_lora(seed=5, rank=4)  # alpha 2 / rank 4
+    b = lora_with_alpha(engine, tmp_path / "b.safetensors", rank=8, alpha=6.0, seed=6)  # other rank, other alpha/r
+    image_a = render(engine, store, [(a, 1.0)])
+    slot = engine.adapters.injected_names()
+    image_b = render(engine, store, [(b, 0.7)])
+    assert engine.adapters.injected_names() == slot, "B went into A's layers, no new adapter injected"
+    assert max_diff(image_b, reference_image(tiny_model, [(b, 0.7)])) <= 2
+    assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
+
+
+def test_text_encoder_loras_are_never_hotswapped(tiny_model, store, make_lora):
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1)
+    render(engine, store, [(make_lora(seed=5), 1.0)])
+    first = engine.adapters.injected_names()
+    te = make_lora(seed=7, text_encoders=True)
+    got = render(engine, store, [(te, 1.0)])
+    assert engine.adapters.injected_names() != first
+    assert max_diff(got, reference_image(tiny_model, [(te, 1.0)])) <= 2
