@@ -1,8 +1,10 @@
 """Adapter switching vs. the per-request reload baseline, on one pipeline, variants interleaved.
 
 naive_reload   unload_lora_weights() + load_lora_weights(file) per request (cog-sdxl-style workers)
-cold_load      our path for a LoRA not yet resident, file already on disk (preflight + inject + activate)
-resident_switch our path when the LoRA is resident (set_adapters only)
+cold_load      our path for a LoRA not yet resident while the cache has room (preflight + inject + activate)
+hotswap        the same when the cache is full (the steady state): its weights are copied into the least
+               recently used adapter's layers instead of injecting new ones
+resident_switch our path when the LoRA is resident (activation only)
 base/lora_generate  one generation without LoRA / with one resident LoRA active, as the service runs it
 """
 
@@ -20,7 +22,7 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
     from inference.pipeline import Engine, GenerationJob
 
     model = synthetic_model(size)
-    engine = Engine(str(model), device=device, max_resident_adapters=loras + 1)
+    engine = Engine(str(model), device=device, max_resident_adapters=loras - 1)
     pipe = engine.txt2img
     paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", loras, rank)
     store = LoraStore(BENCH_CACHE / f"store-{size}", max_cache_bytes=1 << 40, max_lora_bytes=1 << 33,
@@ -46,13 +48,17 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         naive(paths[(i + 1) % loras])
         samples.time("naive_reload_ms", lambda: naive(paths[i]))
         pipe.unload_lora_weights()
-        # ours, LoRA not resident (file on disk)
+        # ours, LoRA not resident (file on disk), cache has room
         engine.adapters.clear()
         samples.time("cold_load_ms", lambda: engine.adapters.activate([(files[i], 1.0)]))
-        # ours, all resident: switch from the last one made active to another one
-        for f in files:
+        # ours, cache full of the others: the new one is hot-swapped into the LRU adapter
+        engine.adapters.clear()
+        others = [f for f in files if f is not files[i]]
+        for f in others:
             engine.adapters.activate([(f, 1.0)])
-        target = files[i % (loras - 1)]
+        samples.time("hotswap_ms", lambda: engine.adapters.activate([(files[i], 1.0)]))
+        # ours, resident: switch from the one just made active to another resident one
+        target = others[-1]
         samples.time("resident_switch_ms", lambda: engine.adapters.activate([(target, 1.0)]))
         # generation with and without the active LoRA
         samples.time("base_generate_ms", lambda: engine.generate(job))
@@ -62,7 +68,7 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
 
     result = {name: samples.median(name) for name in samples.values}
     result.update(
-        hotswap_ms=None,
+        hotswap_over_naive=result["hotswap_ms"] / result["naive_reload_ms"],
         resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
         cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
         lora_over_base=result["lora_generate_ms"] / result["base_generate_ms"],
@@ -76,6 +82,7 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
                     f"{steps} steps at {resolution}px; {result['machine']}",
                     [samples.row(n) for n in samples.values], ("variant", "median ms", "min", "max", "n"))
         print(f"resident/naive {result['resident_over_naive']:.4f}  cold/naive {result['cold_over_naive']:.3f}  "
+              f"hotswap/naive {result['hotswap_over_naive']:.3f}  "
               f"lora/base generate {result['lora_over_base']:.3f}")
     return result
 
