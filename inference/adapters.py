@@ -35,11 +35,6 @@ def _can_hotswap(old: LoraSummary, new: LoraSummary) -> bool:
     return not old.has_text_encoder_layers and not new.has_text_encoder_layers and new.modules <= old.modules
 
 
-def adapter_name(lora: LoraFile) -> str:
-    """PEFT adapter names become ModuleDict keys: no dots. Keyed by content, not by id."""
-    return f"lora_{lora.sha256[:20]}"
-
-
 class AdapterCache:
     def __init__(self, pipe, max_resident: int, hotswap: bool = True):
         if max_resident < 1:
@@ -47,6 +42,7 @@ class AdapterCache:
         self.pipe = pipe
         self.max_resident = max_resident
         self.hotswap = hotswap  # reuse the LRU adapter's layers for a new UNet-only LoRA when full
+        self._injections = 0
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         # What the PEFT layers were last set to; None after any injection or deletion, which can
         # change the active set behind our back (delete_adapters activates a remaining adapter).
@@ -113,7 +109,9 @@ class AdapterCache:
                 self._resident[lora.sha256] = ResidentAdapter(name=victim.name, lora=lora, summary=slot, uses=1)
                 return victim.name, lora.source
             self._evict(victim_key)
-        name = adapter_name(lora)
+        # Never reuse a name: after a hotswap, an adapter named after one LoRA holds another.
+        self._injections += 1
+        name = f"lora{self._injections}_{lora.sha256[:12]}"  # ModuleDict keys: no dots
         self._inject(name, lora)
         self._resident[lora.sha256] = ResidentAdapter(name=name, lora=lora, summary=summary, uses=1)
         return name, lora.source

@@ -257,3 +257,15 @@ def test_text_encoder_loras_are_never_hotswapped(tiny_model, store, make_lora):
     got = render(engine, store, [(te, 1.0)])
     assert engine.adapters.injected_names() != first
     assert max_diff(got, reference_image(tiny_model, [(te, 1.0)])) <= 2
+
+
+def test_a_lora_coming_back_after_its_layers_were_reused_gets_its_own_adapter(tiny_model, store, make_lora):
+    """A is evicted by hotswap (its adapter now holds B); a failed injection leaves room; A is injected again."""
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
+    a, b, c = make_lora(seed=5), make_lora(seed=6), make_lora(seed=8)
+    image_a = render(engine, store, [(a, 1.0)])
+    image_c = render(engine, store, [(c, 1.0)])
+    render(engine, store, [(b, 1.0)])  # full: B is hot-swapped into A's adapter
+    engine.adapters._evict(next(iter(engine.adapters._resident)))  # room again, as after a failed load
+    assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
+    assert np.array_equal(render(engine, store, [(c, 1.0)]), image_c)
