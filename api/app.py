@@ -101,12 +101,6 @@ def create_app(settings: Settings | None = None, service=None) -> FastAPI:
         return JSONResponse({"error": {"code": code.value, "message": str(exc.detail)}},
                             status_code=exc.status_code, headers={"x-error-code": code.value})
 
-    @app.exception_handler(Exception)
-    async def unexpected_error(request: Request, exc: Exception):
-        log.exception("unexpected error in %s", request.url.path)
-        return JSONResponse({"error": {"code": "internal", "message": f"internal error ({type(exc).__name__})"}},
-                            status_code=500, headers={"x-error-code": "internal"})
-
     @app.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True,
               responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
     async def generate(body: GenerateRequest) -> GenerateResponse:
