@@ -1,5 +1,9 @@
 """LoRA adapters resident in the pipeline through PEFT, least recently used evicted.
 
+A Replicate bundle's pivotal-tuning embeddings ride along with its adapter: loaded into both text
+encoders under tokens unique to the LoRA (every Replicate LoRA calls its tokens <s0><s1>, so two
+resident bundles would otherwise collide), substituted into the prompt, and unloaded with it.
+
 Every method here mutates the pipeline's modules, so the caller must hold the engine's lock:
 diffusers/PEFT injection, deletion and generation are not safe to interleave (schedulers keep
 state, and `low_cpu_mem_usage` patches `nn.Module.register_parameter` process-wide).
@@ -8,17 +12,20 @@ state, and `low_cpu_mem_usage` patches `nn.Module.register_parameter` process-wi
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
+from inference.bundles import load_embedding_rows
 from inference.errors import ErrorCode, ServiceError
-from inference.lora_compat import LoraSummary, check_lora_file
+from inference.lora_compat import LoraSummary, LoraWeights, check_lora_weights, read_lora
 from inference.lora_store import LoraFile
 
 log = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TRAINER_TOKEN = re.compile(r"<s\d+>")
 
 
 @dataclass
@@ -28,6 +35,7 @@ class ResidentAdapter:
     summary: LoraSummary
     loaded_at: float = field(default_factory=time.time)
     uses: int = 0
+    tokens: dict[str, str] = field(default_factory=dict)  # trainer's token -> the token loaded for this LoRA
 
 
 def _can_hotswap(old: LoraSummary, new: LoraSummary) -> bool:
@@ -90,6 +98,22 @@ class AdapterCache:
         for key in list(self._resident):
             self._evict(key)
 
+    def prompt_for(self, prompt: str, loras: list[LoraFile]) -> str:
+        """The prompt with each resident bundle's trigger text replaced by its own tokens.
+
+        As Replicate's predictor does: each special_params.json entry (e.g. TOK -> <s0><s1>) is
+        replaced verbatim, then the trainer's <sN> names become the tokens loaded for that LoRA.
+        With two bundles, the first one listed claims a shared trigger.
+        """
+        for lora in loras:
+            adapter = self._resident.get(lora.sha256)
+            if adapter is None or not adapter.tokens or lora.tokens is None:
+                continue
+            for text, tokens in lora.tokens.substitutions:
+                prompt = prompt.replace(text, tokens)
+            prompt = TRAINER_TOKEN.sub(lambda m: adapter.tokens.get(m.group(0), m.group(0)), prompt)
+        return prompt
+
     def _ensure_resident(self, lora: LoraFile, keep: set[str]) -> tuple[str, str]:
         """Make `lora` resident; return (its PEFT adapter name, where it came from)."""
         hit = self._resident.get(lora.sha256)
@@ -97,32 +121,54 @@ class AdapterCache:
             self._resident.move_to_end(lora.sha256)
             hit.uses += 1
             return hit.name, "resident"
-        summary = check_lora_file(self.pipe, lora.path)
+        weights = read_lora(self.pipe, lora.path)  # FileNotFoundError: evicted by another worker
+        summary = check_lora_weights(self.pipe, weights.state_dict)
         if len(self._resident) >= self.max_resident:
             victim_key = next(k for k in self._resident if k not in keep)
             victim = self._resident[victim_key]
             if self.hotswap and _can_hotswap(victim.summary, summary):
                 del self._resident[victim_key]
-                self._hotswap(victim.name, lora)
+                self._unload_tokens(victim.tokens)
+                tokens = self._load_tokens(lora)
+                try:
+                    self._hotswap(victim.name, lora, weights)
+                except Exception:
+                    self._unload_tokens(tokens)  # the victim's layers are purged by the failed swap
+                    raise
                 # the layers keep the old adapter's full set of modules (unused ones zeroed)
                 slot = replace(summary, modules=victim.summary.modules)
-                self._resident[lora.sha256] = ResidentAdapter(name=victim.name, lora=lora, summary=slot, uses=1)
+                self._resident[lora.sha256] = ResidentAdapter(name=victim.name, lora=lora, summary=slot, uses=1,
+                                                              tokens=tokens)
                 return victim.name, lora.source
             self._evict(victim_key)
         # Never reuse a name: after a hotswap, an adapter named after one LoRA holds another.
         self._injections += 1
         name = f"lora{self._injections}_{lora.sha256[:12]}"  # ModuleDict keys: no dots
-        self._inject(name, lora)
-        self._resident[lora.sha256] = ResidentAdapter(name=name, lora=lora, summary=summary, uses=1)
+        tokens = self._load_tokens(lora)
+        try:
+            self._inject(name, lora, weights)
+        except Exception:
+            self._unload_tokens(tokens)
+            raise
+        self._resident[lora.sha256] = ResidentAdapter(name=name, lora=lora, summary=summary, uses=1, tokens=tokens)
         return name, lora.source
 
-    def _inject(self, name: str, lora: LoraFile, hotswap: bool = False) -> None:
+    def _inject(self, name: str, lora: LoraFile, weights: LoraWeights, hotswap: bool = False) -> None:
+        """diffusers' `load_lora_weights`, minus its own read and conversion of the file: `weights` has them."""
         self._active_state = None
         self._layers = None
         started = time.perf_counter()
+        pipe = self.pipe
+        common = dict(network_alphas=weights.network_alphas, adapter_name=name, metadata=weights.metadata,
+                      _pipeline=pipe, low_cpu_mem_usage=True, hotswap=hotswap)
+        present = {key.split(".", 1)[0] for key in weights.state_dict}  # skip components the file leaves alone
         try:
-            self.pipe.load_lora_weights(str(lora.path.parent), weight_name=lora.path.name, adapter_name=name,
-                                        use_safetensors=True, hotswap=hotswap)
+            if "unet" in present:
+                pipe.load_lora_into_unet(weights.state_dict, unet=pipe.unet, **common)
+            for prefix, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
+                if prefix in present:
+                    pipe.load_lora_into_text_encoder(weights.state_dict, text_encoder=encoder, prefix=prefix,
+                                                     lora_scale=pipe.lora_scale, **common)
         except Exception as exc:
             self._purge(name)
             if isinstance(exc, ServiceError):
@@ -134,7 +180,41 @@ class AdapterCache:
         log.info("adapter %s %s for %s in %.0f ms", name, "hot-swapped" if hotswap else "injected", lora.lora_id,
                  (time.perf_counter() - started) * 1e3)
 
-    def _hotswap(self, name: str, lora: LoraFile) -> None:
+    def _load_tokens(self, lora: LoraFile) -> dict[str, str]:
+        """Load a bundle's embeddings into both text encoders; return trainer token -> loaded token."""
+        if lora.tokens is None:
+            return {}
+        pipe = self.pipe
+        names = {token: f"<{lora.sha256[:12]}_{token[1:-1]}>" for token in lora.tokens.tokens}
+        pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+        rows = load_embedding_rows(lora.tokens.embeddings)
+        for (encoder, _), row in zip(pairs, rows):
+            width = encoder.get_input_embeddings().embedding_dim
+            if row.shape[1] != width:
+                raise ServiceError(ErrorCode.LORA_INCOMPATIBLE,
+                                   f"the bundle's token embeddings are {row.shape[1]} wide; this text encoder takes {width}")
+        loaded = []
+        try:
+            for (encoder, tokenizer), row in zip(pairs, rows):
+                pipe.load_textual_inversion(row, token=list(names.values()), text_encoder=encoder, tokenizer=tokenizer)
+                loaded.append((encoder, tokenizer))
+        except Exception as exc:
+            for encoder, tokenizer in loaded:
+                pipe.unload_textual_inversion(list(names.values()), tokenizer=tokenizer, text_encoder=encoder)
+            raise ServiceError(ErrorCode.LORA_INVALID, f"the bundle's token embeddings could not be loaded: {exc}") from exc
+        return names
+
+    def _unload_tokens(self, tokens: dict[str, str]) -> None:
+        if not tokens:
+            return
+        self._active_state = None
+        pipe = self.pipe
+        for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+            present = [t for t in tokens.values() if t in tokenizer.get_vocab()]
+            if present:
+                pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
+
+    def _hotswap(self, name: str, lora: LoraFile, weights: LoraWeights) -> None:
         """Copy `lora`'s weights into the existing adapter `name` instead of injecting a new one.
 
         PEFT's hotswap sets each layer's `scaling` for the new adapter but leaves `lora_alpha` and
@@ -143,7 +223,7 @@ class AdapterCache:
         """
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        self._inject(name, lora, hotswap=True)
+        self._inject(name, lora, weights, hotswap=True)
         for module in self.pipe.unet.modules():
             if isinstance(module, BaseTunerLayer) and name in getattr(module, "scaling", {}):
                 module.lora_alpha[name] = module.scaling[name] * module.r[name]
@@ -151,6 +231,7 @@ class AdapterCache:
     def _evict(self, key: str) -> None:
         adapter = self._resident.pop(key)
         self._purge(adapter.name)
+        self._unload_tokens(adapter.tokens)
         log.info("adapter %s (%s) evicted", adapter.name, adapter.lora.lora_id)
 
     def _purge(self, name: str) -> None:

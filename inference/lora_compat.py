@@ -1,13 +1,19 @@
-"""Preflight for a LoRA file: does every key land on a module of this pipeline, with fitting shapes?
+"""Reading a LoRA file once, and the preflight: does every key land on a module of this pipeline?
 
 diffusers only logs a warning when a LoRA's keys match nothing ("No LoRA keys associated to ..."),
 and the image then comes out unchanged; a shape mismatch surfaces half-way through injection.
 So before anything is injected, the file is normalised exactly as diffusers will normalise it
 (kohya/A1111 -> diffusers -> PEFT keys) and checked against the pipeline's modules.
+
+`read_lora` opens the file once and hands the same tensors to the preflight and to diffusers'
+loaders (`load_lora_weights` would read and convert the file a second time). Once open, a file
+another worker evicts from a shared cache stays readable; one already gone raises
+FileNotFoundError, which the service answers by fetching it again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +26,17 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 LYCORIS_MARKERS = ("hada_", "lokr_", ".oft_", "lora_mid", ".dora_scale", "lora_te3_")
+UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding")
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoraConfig kwargs in the safetensors header
+
+
+@dataclass
+class LoraWeights:
+    """A LoRA file as diffusers' loaders take it: diffusers-layout tensors, kohya alphas, adapter metadata."""
+
+    state_dict: dict[str, torch.Tensor]
+    network_alphas: dict[str, float] | None
+    metadata: dict | None
 
 
 @dataclass(frozen=True)
@@ -39,16 +56,41 @@ def incompatible(message: str) -> ServiceError:
     return ServiceError(ErrorCode.LORA_INCOMPATIBLE, message)
 
 
-def check_lora_file(pipe, path: Path) -> LoraSummary:
-    """Raise lora_incompatible (or lora_invalid) unless the file applies cleanly to `pipe`."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+def read_lora(pipe, path: Path) -> LoraWeights:
+    """Read `path` once and convert it as `load_lora_weights` would (kohya/A1111 keys included).
+
+    cog-sdxl (Replicate) saves UNet attention-processor keys without the ``unet.`` prefix that
+    diffusers' loaders select by; they get it here.
+    """
+    from safetensors import safe_open
 
     try:
-        state_dict, _alphas = pipe.lora_state_dict(
-            str(path.parent), weight_name=path.name, unet_config=pipe.unet.config, use_safetensors=True
-        )
+        with safe_open(str(path), framework="pt") as f:
+            raw = {key: f.get_tensor(key) for key in f.keys()}
+            header = f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ServiceError(ErrorCode.LORA_INVALID, f"cannot read {path.name}: {str(exc)[:300]}") from exc
+    try:
+        metadata = json.loads(header[METADATA_KEY]) if header.get(METADATA_KEY) else None
+        state_dict, alphas, _ = pipe.lora_state_dict(raw, unet_config=pipe.unet.config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... on layouts it cannot convert
         raise _conversion_error(path, exc) from exc
+    if state_dict and all(k.split(".", 1)[0] in UNET_BLOCKS for k in state_dict):
+        state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
+    return LoraWeights(state_dict, alphas, metadata)
+
+
+def check_lora_file(pipe, path: Path) -> LoraSummary:
+    """Raise lora_incompatible (or lora_invalid) unless the file applies cleanly to `pipe`."""
+    return check_lora_weights(pipe, read_lora(pipe, path).state_dict)
+
+
+def check_lora_weights(pipe, state_dict: dict[str, torch.Tensor]) -> LoraSummary:
+    """Raise lora_incompatible (or lora_invalid) unless these diffusers-layout tensors fit `pipe`."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
     if not state_dict:
         raise ServiceError(ErrorCode.LORA_INVALID, "the file holds no LoRA tensors")
     lycoris = sorted({k for k in state_dict if any(m in k for m in LYCORIS_MARKERS)})

@@ -3,11 +3,12 @@
 A download streams into ``cache_dir/.tmp/``, is hashed on the way, checked against the expected
 sha256 when one is given, and parsed as safetensors (the header, by safetensors' own Rust
 parser: nothing is ever unpickled, `torch.load` is never called), then fsynced and renamed into
-``cache_dir`` in one step. So the cache never holds a partial or unverified file, and every
+``cache_dir`` in one step (a bundle's directory too). So the cache never holds a partial or unverified file, and every
 failure path removes its temp file.
 
-Files are named ``{slug}-{sha256}.safetensors``: the slug is a filesystem-safe form of the LoRA
-id plus a hash of the raw id (ids may hold ``/`` or anything else; two ids never share a slug).
+Files are named ``{slug}-{sha256}.safetensors``; a Replicate-style ``.tar`` bundle is unpacked
+(see `inference.bundles`) into a directory ``{slug}-{sha256}.bundle/`` (sha256 of the tar). The
+slug is a filesystem-safe form of the LoRA id plus a hash of the raw id (ids may hold ``/`` or anything else; two ids never share a slug).
 The raw id is remembered in ``.ids/{slug}`` for listings.
 
 **The LoRA id is treated as immutable.** With an expected sha256, only the file with that hash
@@ -31,6 +32,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -42,6 +44,8 @@ from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
+from inference.bundles import LORA_FILE as LORA_FILE_IN_BUNDLE
+from inference.bundles import BundleTokens, extract_bundle, looks_like_tar, read_bundle_tokens
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client
 
@@ -51,10 +55,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
+BUNDLE_SUFFIX = ".bundle"
 STALE_TMP_SECONDS = 3600
 ID_HASH_HEX = 24  # 96 bits of sha256(raw id) in every slug
 LOCK_WAIT_MARGIN_S = 60.0
-_FILE_RE = re.compile(r"(?P<slug>[A-Za-z0-9._]+\.[0-9a-f]{%d})-(?P<sha>[0-9a-f]{64})\.safetensors" % ID_HASH_HEX)
+_FILE_RE = re.compile(r"(?P<slug>[A-Za-z0-9._]+\.[0-9a-f]{%d})-(?P<sha>[0-9a-f]{64})(?P<kind>\.safetensors|\.bundle)"
+                      % ID_HASH_HEX)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 REMOTE_SCHEMES = ("https", "http", "s3")
 
@@ -66,6 +72,12 @@ class LoraFile:
     path: Path
     size: int
     source: str  # "disk" (was cached) or "download" (fetched now)
+    tokens: BundleTokens | None = None  # pivotal-tuning embeddings of a Replicate bundle
+
+    @property
+    def entry(self) -> Path:
+        """What the cache holds for this LoRA: the file, or a bundle's directory."""
+        return self.path.parent if self.path.parent.name.endswith(BUNDLE_SUFFIX) else self.path
 
 
 def id_slug(lora_id: str) -> str:
@@ -150,7 +162,7 @@ class LoraStore:
             if hit:
                 return hit
             lora = self._download(lora_id, slug, url, expected)
-        self._evict(keep=lora.path)
+        self._evict(keep=lora.entry)
         return lora
 
     def entries(self) -> list[LoraFile]:
@@ -158,12 +170,10 @@ class LoraStore:
         found = []
         for path in self._cache_files():
             try:
-                stat = path.stat()
-            except FileNotFoundError:
+                lora = self._load_entry(path, self._raw_id(_FILE_RE.fullmatch(path.name)["slug"]))
+                found.append((path.stat().st_mtime_ns, path.name, lora))
+            except (FileNotFoundError, ServiceError):  # evicted meanwhile
                 continue
-            match = _FILE_RE.fullmatch(path.name)
-            found.append((stat.st_mtime_ns, path.name,
-                          LoraFile(self._raw_id(match["slug"]), match["sha"], path, stat.st_size, "disk")))
         found.sort(key=lambda item: (item[0], item[1]), reverse=True)
         return [lora for _, _, lora in found]
 
@@ -176,18 +186,24 @@ class LoraStore:
 
     def _lookup(self, lora_id: str, slug: str, expected: str | None) -> LoraFile | None:
         if expected:
-            candidates = [self.cache_dir / f"{slug}-{expected}{SUFFIX}"]
+            candidates = [self.cache_dir / f"{slug}-{expected}{suffix}" for suffix in (SUFFIX, BUNDLE_SUFFIX)]
         else:
             candidates = [p for p in self._cache_files() if _FILE_RE.fullmatch(p.name)["slug"] == slug]
             candidates.sort(key=_mtime_ns, reverse=True)
         for path in candidates:
             try:
                 os.utime(path)  # the LRU clock
-                size = path.stat().st_size
+                return self._load_entry(path, lora_id)
             except FileNotFoundError:  # never there, or evicted a moment ago
                 continue
-            return LoraFile(lora_id, _FILE_RE.fullmatch(path.name)["sha"], path, size, "disk")
         return None
+
+    def _load_entry(self, path: Path, lora_id: str, source: str = "disk") -> LoraFile:
+        sha = _FILE_RE.fullmatch(path.name)["sha"]
+        if path.name.endswith(BUNDLE_SUFFIX):
+            size = sum(p.stat().st_size for p in path.iterdir())
+            return LoraFile(lora_id, sha, path / LORA_FILE_IN_BUNDLE, size, source, read_bundle_tokens(path))
+        return LoraFile(lora_id, sha, path, path.stat().st_size, source)
 
     def _evict(self, keep: Path) -> None:
         """Remove least recently used files until the cache fits `max_cache_bytes`; never `keep`."""
@@ -197,19 +213,28 @@ class LoraStore:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            files.append((stat.st_mtime_ns, path.name, stat.st_size, path))
+            files.append((stat.st_mtime_ns, path.name, _entry_size(path), path))
         total = sum(size for _, _, size, _ in files)
         for _, _, size, path in sorted(files):
             if total <= self.max_cache_bytes:
                 break
             if path == keep:
                 continue
-            try:
-                path.unlink()
-            except FileNotFoundError:  # another process evicted it first
-                pass
+            self._remove_entry(path)
             total -= size
             log.info("evicted %s (%d bytes) from the LoRA disk cache", path.name, size)
+
+    def _remove_entry(self, path: Path) -> None:
+        """Unlink a file; a bundle directory is first renamed away, so it vanishes in one step."""
+        try:
+            if path.is_dir():
+                trash = Path(tempfile.mkdtemp(dir=self._tmp_dir, suffix=".trash"))
+                os.replace(path, trash / path.name)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another process evicted it first
+            pass
 
     def _raw_id(self, slug: str) -> str:
         try:
@@ -236,7 +261,7 @@ class LoraStore:
         for path in self._tmp_dir.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
-                    path.unlink()
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
                     log.info("removed stale temp file %s", path.name)
             except OSError:
                 pass
@@ -292,7 +317,6 @@ class LoraStore:
         started = time.perf_counter()
         fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug[:40]}.", suffix=".part")
         tmp = Path(name)
-        moved = False
         try:
             with os.fdopen(fd, "wb") as out:
                 sink = _HashingWriter(out)
@@ -302,18 +326,32 @@ class LoraStore:
             digest = sink.hexdigest()
             if expected and digest != expected:
                 raise ServiceError(ErrorCode.LORA_INVALID, f"sha256 mismatch: expected {expected}, got {digest}")
-            validate_safetensors(tmp)
-            final = self.cache_dir / f"{slug}-{digest}{SUFFIX}"
-            self._remember_id(slug, lora_id)
-            os.replace(tmp, final)
-            moved = True
+            if looks_like_tar(tmp):
+                final = self.cache_dir / f"{slug}-{digest}{BUNDLE_SUFFIX}"
+                self._install_bundle(tmp, final, slug, lora_id)
+            else:
+                validate_safetensors(tmp)
+                final = self.cache_dir / f"{slug}-{digest}{SUFFIX}"
+                self._remember_id(slug, lora_id)
+                os.replace(tmp, final)
             _fsync_dir(self.cache_dir)
         finally:
-            if not moved:
-                tmp.unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)  # gone already unless it failed, or was a bundle's tar
         log.info("fetched LoRA %r from %s: %d bytes in %.0f ms", lora_id, _redact(url), sink.size,
                  (time.perf_counter() - started) * 1e3)
-        return LoraFile(lora_id, digest, final, sink.size, "download")
+        return self._load_entry(final, lora_id, "download")
+
+    def _install_bundle(self, archive: Path, final: Path, slug: str, lora_id: str) -> None:
+        """Unpack and check a bundle in a temp directory, then rename the directory into place."""
+        staging = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix=f"{slug[:40]}.", suffix=".unpack"))
+        try:
+            extract_bundle(archive, staging / final.name, max_bytes=self.max_lora_bytes)
+            validate_safetensors(staging / final.name / LORA_FILE_IN_BUNDLE)
+            read_bundle_tokens(staging / final.name)
+            self._remember_id(slug, lora_id)
+            os.replace(staging / final.name, final)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _check_source(self, url: str) -> None:
         scheme = urlsplit(url).scheme.lower()
@@ -402,11 +440,6 @@ def _explain_unreadable(path: Path, exc: Exception) -> str:
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head.startswith(b"PK\x03\x04"):
         return ("not a safetensors file: looks like a pickle checkpoint (.ckpt/.pt/.bin), which is never loaded; "
                 "convert it to .safetensors")
-    if head[257:262] == b"ustar":
-        return ("not a safetensors file: looks like a tar archive (such as Replicate's trained_model.tar); "
-                "pass the URL of the .safetensors file inside it")
-    if head.startswith(b"\x1f\x8b"):
-        return "not a safetensors file: looks like a gzip archive"
     if head.lstrip()[:1] == b"<":
         return ("not a safetensors file: looks like an HTML page rather than the file itself "
                 "(for Hugging Face, use a .../resolve/... URL, not .../blob/...)")
@@ -446,6 +479,15 @@ def _redact(url: str) -> str:
     parts = urlsplit(url)
     shown = f"{parts.scheme}://{parts.netloc}{parts.path}" if parts.scheme else parts.path
     return shown if len(shown) <= 200 else shown[:199] + "…"
+
+
+def _entry_size(path: Path) -> int:
+    try:
+        if path.is_dir():
+            return sum(p.stat().st_size for p in path.iterdir())
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _mtime_ns(path: Path) -> int:

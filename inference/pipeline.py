@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -104,6 +104,7 @@ class Engine:
         with self.lock:
             started = time.perf_counter()
             sources = self.adapters.activate(job.loras)
+            job = replace(job, prompt=self.adapters.prompt_for(job.prompt, [lora for lora, _ in job.loras]))
             adapter_done = time.perf_counter()
             images = [self._one_image(job, job.seed + i) for i in range(job.num_images)]
             done = time.perf_counter()

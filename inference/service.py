@@ -100,13 +100,26 @@ class InferenceService:
 
         progress("generate")
         seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        result = engine.generate(GenerationJob(
+        job = GenerationJob(
             prompt=request.prompt, negative_prompt=request.negative_prompt,
             width=request.width, height=request.height, num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale, seed=seed, num_images=request.num_images,
             image=reference, strength=request.strength,
             loras=[(f, spec.scale) for f, spec in zip(lora_files, request.loras)],
-        ))
+        )
+        try:
+            result = engine.generate(job)
+        except FileNotFoundError:
+            # Another worker sharing the cache evicted a file between our fetch and its load:
+            # fetch again (a download now) and retry once.
+            log.info("a LoRA file left the shared cache before it was loaded; fetching it again")
+            lora_files = [self.store.fetch(spec.id, spec.url, spec.sha256) for spec in request.loras]
+            job.loras = [(f, spec.scale) for f, spec in zip(lora_files, request.loras)]
+            try:
+                result = engine.generate(job)
+            except FileNotFoundError as exc:
+                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
+                                   "the LoRA cache lost the file twice while loading it (cache too small?)") from exc
 
         progress("encode")
         encode_started = time.perf_counter()

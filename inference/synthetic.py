@@ -64,7 +64,7 @@ TINY_UNET = dict(
     projection_class_embeddings_input_dim=6 * 8 + 32,
 )
 TINY_TEXT_ENCODER = dict(
-    vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,  # = len(tokenizer), as in SDXL
     num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32,
 )
 TINY_TEXT_ENCODER_2 = dict(TINY_TEXT_ENCODER, hidden_act="gelu")
@@ -87,7 +87,8 @@ SIZES = {
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-LORA_FORMATS = ("diffusers", "kohya")
+LORA_FORMATS = ("diffusers", "kohya", "replicate")
+PIVOTAL_TOKENS = 2  # Replicate bundles: random embeddings for <s0><s1>
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -232,6 +233,19 @@ def lora_state_dict(lora: dict[str, LoraLayer], fmt: str, layers_per_block: int 
             tensors[f"{key}.lora_up.weight"] = layer.up.contiguous()
             tensors[f"{key}.alpha"] = torch.tensor(layer.alpha)
         return tensors, {"format": "pt", "ss_network_module": "networks.lora"}
+    if fmt == "replicate":
+        # cog-sdxl's attention-processor layout, no alpha (scale 1): alpha/r is folded into `up`,
+        # exactly when it is a power of two, as the default rank/2 is.
+        for name, layer in lora.items():
+            component, path = name.split(".", 1)
+            if component != "unet":
+                raise ValueError("Replicate's SDXL bundles hold UNet LoRA layers only (text encoders get embeddings)")
+            attention, projection = path.removesuffix(".0").rsplit(".", 1)
+            rank = layer.down.shape[0]
+            prefix = f"{attention}.processor.{projection}_lora"
+            tensors[f"{prefix}.down.weight"] = layer.down.contiguous()
+            tensors[f"{prefix}.up.weight"] = (layer.up * (layer.alpha / rank)).contiguous()
+        return tensors, {"format": "pt"}
     raise ValueError(f"unknown LoRA format {fmt!r}; expected one of {LORA_FORMATS}")
 
 
@@ -251,5 +265,38 @@ def write_lora(model_dir: str | Path, out: str | Path, *, rank: int = 4, fmt: st
     tensors, metadata = lora_state_dict(lora, fmt, pipe.unet.config.layers_per_block)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out), metadata=metadata)
+    if fmt == "replicate":
+        write_replicate_bundle(out, tensors, pivotal_embeddings(pipe, seed))
+    else:
+        save_file(tensors, str(out), metadata=metadata)
     return out
+
+
+def pivotal_embeddings(pipe, seed: int, tokens: int = PIVOTAL_TOKENS) -> dict[str, torch.Tensor]:
+    """Random token embeddings for both text encoders, at the scale of the existing ones."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    rows = {}
+    for index, encoder in enumerate((pipe.text_encoder, pipe.text_encoder_2)):
+        weight = encoder.get_input_embeddings().weight
+        rows[f"text_encoders_{index}"] = torch.randn(tokens, weight.shape[1], generator=gen) * weight.std().item()
+    return rows
+
+
+def write_replicate_bundle(out: Path, lora_tensors: dict[str, torch.Tensor], embeddings: dict[str, torch.Tensor]) -> None:
+    """A `trained_model.tar` as Replicate's SDXL trainer writes it."""
+    import io
+    import tarfile
+
+    from safetensors.torch import save
+
+    tokens = "".join(f"<s{i}>" for i in range(next(iter(embeddings.values())).shape[0]))
+    members = {
+        "lora.safetensors": save(lora_tensors),
+        "embeddings.pti": save(embeddings),
+        "special_params.json": json.dumps({"TOK": tokens}).encode(),
+    }
+    with tarfile.open(out, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -31,7 +31,8 @@ def make_lora(tiny_model, lora_dir):
     from inference.synthetic import write_lora
 
     def make(seed: int = 1, fmt: str = "diffusers", rank: int = 4, text_encoders: bool = False) -> Path:
-        path = lora_dir / f"lora-s{seed}-r{rank}-{fmt}{'-te' if text_encoders else ''}.safetensors"
+        suffix = ".tar" if fmt == "replicate" else ".safetensors"
+        path = lora_dir / f"lora-s{seed}-r{rank}-{fmt}{'-te' if text_encoders else ''}{suffix}"
         if not path.exists():
             write_lora(tiny_model, path, rank=rank, fmt=fmt, text_encoders=text_encoders, seed=seed)
         return path

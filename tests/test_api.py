@@ -221,3 +221,28 @@ def test_url_delivery_uploads_to_s3_and_s3_down_is_upload_failed(tmp_path, tiny_
         assert response.status_code == 502
         assert response.json()["error"]["code"] == "upload_failed"
         assert post(base, request(lora_server), key=None).status_code == 200
+
+
+def test_a_lora_evicted_by_another_worker_before_loading_is_fetched_again(tmp_path, tiny_model, lora_server):
+    """A worker sharing the cache deletes the file right after our fetch: one refetch, then success."""
+    from api.schema import GenerateRequest
+
+    settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache", allow_private_urls=True)
+    service = InferenceService(settings)
+    service.load()
+    fetch = service.store.fetch
+    evicted = []
+
+    def fetch_then_lose_it(*args, **kwargs):
+        lora = fetch(*args, **kwargs)
+        if not evicted:
+            lora.path.unlink()  # as another process's LRU eviction would
+            evicted.append(lora.path)
+        return lora
+
+    service.store.fetch = fetch_then_lose_it
+    before = lora_server.hits["/b.safetensors"]
+    response = service.generate(GenerateRequest(**request(lora_server, "b")))
+    assert evicted and response.loras[0].source == "download"
+    assert lora_server.hits["/b.safetensors"] == before + 2
+    assert service.engine.adapters.injected_names() == {service.engine.adapters.resident()[0].name}

@@ -7,6 +7,7 @@ network. Addresses: 127.0.0.1 is loopback, so "private" for the SSRF guard; test
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import multiprocessing
@@ -197,7 +198,8 @@ def test_ids_never_collide_on_disk(store, www):
     ("empty-file", lambda tmp: b"", "the file is empty"),
     ("no-tensors", empty_safetensors, "holds no tensors"),
     ("html", lambda tmp: b"<!DOCTYPE html><html><body>Sign in</body></html>", "HTML page"),
-    ("tar", lambda tmp: tar_of("lora.safetensors", GOOD), "tar archive"),
+    ("tar-without-lora", lambda tmp: tar_of("weights.safetensors", GOOD), "no lora.safetensors"),
+    ("gzip-garbage", lambda tmp: gzip.compress(b"not a tar" * 100), "not a readable tar archive"),
 ])
 def test_unreadable_files_are_invalid_and_never_cached(store, www, tmp_path, name, make, needle):
     url = www.add(f"{name}.safetensors", make(tmp_path))
