@@ -1,8 +1,10 @@
 """`sdxl-lora demo`: the whole path on a machine with no GPU and no network.
 
-A tiny synthetic SDXL and a character LoRA (built once, cached), a file server on loopback that
-plays the LoRA bucket and the reference-image host, the FastAPI service on a free loopback port,
-and one video job through the client's LoraApplicator with a SQLite ledger.
+A tiny synthetic SDXL, a character LoRA as Replicate's trainer ships it (trained_model.tar with
+pivotal-tuning tokens for "TOK") and a tiny CLIP for the identity score (built once, cached), a
+file server on loopback that plays the LoRA bucket and the reference-image host, the FastAPI
+service on a free loopback port, and one video job through the client's LoraApplicator with a
+SQLite ledger.
 """
 
 from __future__ import annotations
@@ -33,21 +35,26 @@ def character_reference(path: Path) -> None:
 def run_demo(out_dir: Path) -> Path:
     from api.app import create_app
     from api.local_server import LocalFileServer, LocalServer
+    from inference.identity import write_tiny_clip
     from inference.settings import Settings
     from inference.synthetic import write_lora, write_model
 
     started = time.perf_counter()
-    model, files = CACHE / "tiny-sdxl", CACHE / "files"
+    model, files, clip = CACHE / "tiny-sdxl", CACHE / "files", CACHE / "identity-clip"
     files.mkdir(parents=True, exist_ok=True)
     if not (model / "model_index.json").exists():
         write_model(model, size="tiny", seed=0)
-    if not (files / "character-lora.safetensors").exists():
-        write_lora(model, files / "character-lora.safetensors", rank=8, text_encoders=True, seed=1)
+    if not (files / "trained_model.tar").exists():
+        write_lora(model, files / "trained_model.tar", rank=8, fmt="replicate", seed=1)
+    if not (clip / "config.json").exists():
+        write_tiny_clip(clip)
     character_reference(files / "reference.png")
-    print(f"[1/4] synthetic tiny SDXL + character LoRA ready ({time.perf_counter() - started:.1f} s, {CACHE})")
+    print(f"[1/4] synthetic tiny SDXL, Replicate-style character LoRA bundle and identity CLIP ready "
+          f"({time.perf_counter() - started:.1f} s, {CACHE})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = Settings(model=str(model), device="cpu", allow_private_urls=True, lora_cache_dir=out_dir / "lora-cache")
+    settings = Settings(model=str(model), device="cpu", allow_private_urls=True, lora_cache_dir=out_dir / "lora-cache",
+                        identity_model=str(clip))
     with LocalFileServer(files) as files_url, LocalServer(create_app(settings), wait_ready=True) as base:
         return _run_job(base, files, files_url, out_dir)
 
@@ -63,13 +70,13 @@ def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
     db = out_dir / "video.db"
     db.unlink(missing_ok=True)
     store = SqlStore(f"sqlite:///{db}")
-    store.put_lora("demo-character", status="completed", url=f"{files_url}/character-lora.safetensors",
-                   trigger="<s0>")
+    store.put_lora("demo-character", status="completed", url=f"{files_url}/trained_model.tar", trigger="TOK")
     store.create_job("demo-job")
     clip = ClipPrompt("clip-1", "a person waves at the camera", [f"{files_url}/reference.png"],
                       [f"{files_url}/scene.png"])
     backend = ServiceBackend(base)
-    applicator = LoraApplicator(store, backend, options=EnhanceOptions(num_inference_steps=8, strength=0.6))
+    options = EnhanceOptions(num_inference_steps=8, strength=0.6, min_identity_score=0.5)
+    applicator = LoraApplicator(store, backend, options=options)
     job_started = time.perf_counter()
     result = applicator.apply("demo-job", [clip], video_model="kling_v21", lora_model_id="demo-character")
     job_s = time.perf_counter() - job_started
@@ -89,7 +96,8 @@ def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
         details = row["details"] or {}
         timings = details.get("timings_ms", {})
         print(f"      cost: {row['stage']}/{row['api_name']} clip={row['clip_id']} ${row['cost']:.6f} "
-              f"(lora source: {details.get('lora_source')}; service ms: "
+              f"(lora source: {details.get('lora_source')}; identity score {details.get('identity_score')} "
+              f"vs minimum {options.min_identity_score}; service ms: "
               + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ")")
     print(f"      job total_cost: ${store.total_cost('demo-job'):.6f}")
     print(f"[4/4] wrote {sheet_path} (original | enhanced); ledger in {db}")

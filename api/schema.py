@@ -70,6 +70,9 @@ class ImageOut(BaseModel):
     sha256: str = Field(description="sha256 of the encoded image bytes")
     base64: str | None = None
     url: str | None = None
+    identity_score: float | None = Field(
+        None, description="cosine similarity of CLIP image embeddings between the reference image and this image "
+                          "(1.0 = identical); only for img2img with SDXL_LORA_IDENTITY_MODEL set")
 
 
 class LoraOut(BaseModel):

@@ -66,6 +66,9 @@ class EnhanceOptions:
     delivery: Literal["base64", "url"] = "base64"  # "url" needs S3 on the service; base64 becomes a data: URI
     width: int | None = None
     height: int | None = None
+    # Below this identity score (the service's CLIP similarity between the reference and the
+    # enhanced image) the enhanced image is judged off-character and the original reference kept.
+    min_identity_score: float | None = None
 
 
 class LoraApplicator:
@@ -125,6 +128,7 @@ class _JobRun:
         self.record = record
         self.warnings: list[str] = []
         self.backend_failed = False
+        self.warned_no_identity_score = False
 
     def warn(self, message: str) -> None:
         log.warning("job %s: %s", self.job_id, message)
@@ -202,11 +206,33 @@ class _JobRun:
                     return
                 self.a.sleep(wait)
         image = response.images[0]
-        clip.character_reference_urls[0] = image.url or f"data:{image.mime};base64,{image.base64}"
-        self._any_enhanced = True
+        accepted = self._identity_accepted(clip, image.identity_score)
+        # The service rendered (and billed) the image even when its identity score rejects it.
         self.a.store.charge(self.job_id, clip.clip_id, STAGE, API_PREPROCESSING, self.a.pricing.preprocessing(response),
                             {"seed": image.seed, "sha256": image.sha256, "timings_ms": response.timings_ms.model_dump(),
-                             "lora_source": response.loras[0].source if response.loras else None})
+                             "lora_source": response.loras[0].source if response.loras else None,
+                             "identity_score": image.identity_score, "accepted": accepted})
+        if not accepted:
+            return
+        clip.character_reference_urls[0] = image.url or f"data:{image.mime};base64,{image.base64}"
+        self._any_enhanced = True
+
+    def _identity_accepted(self, clip: ClipPrompt, score: float | None) -> bool:
+        """False when the enhanced image scored below `min_identity_score`; no score is no veto."""
+        minimum = self.a.options.min_identity_score
+        if minimum is None:
+            return True
+        if score is None:
+            if not self.warned_no_identity_score:  # the same for every clip: said once per job
+                self.warned_no_identity_score = True
+                self.warn(f"no identity score available from the service (SDXL_LORA_IDENTITY_MODEL unset there?); "
+                          f"min_identity_score {minimum:g} not checked, enhanced references used")
+            return True
+        if score < minimum:
+            self.warn(f"clip {clip.clip_id}: identity score {score:.4f} below the minimum {minimum:g}; "
+                      f"original reference kept")
+            return False
+        return True
 
     def _enhance_request(self, clip: ClipPrompt) -> GenerateRequest:
         o = self.a.options

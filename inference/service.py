@@ -51,6 +51,7 @@ class InferenceService:
         self.store = store or LoraStore.from_settings(settings)
         self.engine = engine
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        self.scorer = None  # IdentityScorer when SDXL_LORA_IDENTITY_MODEL is set
         self._s3 = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -61,7 +62,12 @@ class InferenceService:
         if self.engine is None:
             s = self.settings
             self.engine = Engine(resolve_model(s.model), device=s.device, dtype=s.dtype,
-                                 max_resident_adapters=s.max_resident_adapters)
+                                 max_resident_adapters=s.max_resident_adapters,
+                                 fuse_adapters={"on": True, "off": False}.get(s.fuse_adapters, "auto"))
+        if self.settings.identity_model and self.scorer is None:
+            from inference.identity import IdentityScorer
+
+            self.scorer = IdentityScorer(self.settings.identity_model, device=self.engine.device, dtype=self.engine.dtype)
 
     @property
     def ready(self) -> bool:
@@ -121,6 +127,10 @@ class InferenceService:
                 raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
                                    "the LoRA cache lost the file twice while loading it (cache too small?)") from exc
 
+        scores: list[float | None] = [None] * len(result.images)
+        if reference is not None and self.scorer is not None:
+            scores = self.scorer.score(reference, result.images)  # counted in total, not in a phase of its own
+
         progress("encode")
         encode_started = time.perf_counter()
         fmt = request.output.format
@@ -130,9 +140,9 @@ class InferenceService:
         images = []
         if request.output.delivery == "url":
             progress("upload")
-        for image, data, image_seed in zip(result.images, encoded, result.seeds):
+        for image, data, image_seed, score in zip(result.images, encoded, result.seeds, scores):
             out = ImageOut(seed=image_seed, width=image.width, height=image.height, mime=MIME[fmt],
-                           sha256=hashlib.sha256(data).hexdigest())
+                           sha256=hashlib.sha256(data).hexdigest(), identity_score=score)
             if request.output.delivery == "url":
                 out.url = self.upload(data, fmt)
             else:

@@ -1,6 +1,7 @@
 """Service configuration from the environment (prefix SDXL_LORA_, names fixed by DESIGN.md)."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,3 +38,9 @@ class Settings(BaseSettings):
     download_timeout_s: float = 60.0
     max_image_bytes: int = 32 * 1024**2
     presign_expiry_s: int = 3600
+    # CLIP model id or directory for each img2img image's `identity_score` (inference/identity.py).
+    # Off by default: the score costs a second model in GPU memory and, for a hub id, a download,
+    # so only a deployer who asks gets it (Dockerfile.gpu sets openai/clip-vit-large-patch14).
+    identity_model: str | None = None
+    # Merge the active LoRAs into the weights (exactly undone on a switch): auto = on CUDA only.
+    fuse_adapters: Literal["auto", "on", "off"] = "auto"

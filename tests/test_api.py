@@ -246,3 +246,25 @@ def test_a_lora_evicted_by_another_worker_before_loading_is_fetched_again(tmp_pa
     assert evicted and response.loras[0].source == "download"
     assert lora_server.hits["/b.safetensors"] == before + 2
     assert service.engine.adapters.injected_names() == {service.engine.adapters.resident()[0].name}
+
+
+def test_img2img_images_carry_an_identity_score_when_configured(tmp_path, tiny_model, lora_server):
+    from api.schema import GenerateRequest
+    from inference.identity import IdentityScorer, write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache",
+                        allow_private_urls=True, identity_model=str(clip))
+    service = InferenceService(settings)
+    service.load()
+    reference = (lora_server.root / "ref.png").read_bytes()
+    data_uri = "data:image/png;base64," + base64.b64encode(reference).decode()
+    response = service.generate(GenerateRequest(**request(lora_server, "a", image=data_uri, num_images=2,
+                                                          width=None, height=None)))
+    independent = IdentityScorer(str(clip))
+    for image in response.images:
+        enhanced = Image.open(io.BytesIO(base64.b64decode(image.base64)))
+        assert image.identity_score == independent.score(Image.open(io.BytesIO(reference)), [enhanced])[0]
+        assert image.identity_score < 1.0
+    txt2img = service.generate(GenerateRequest(**request(lora_server, "a")))
+    assert txt2img.images[0].identity_score is None  # no reference, no score
