@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--rank", type=int, default=4)
-    p.add_argument("--format", dest="fmt", choices=["diffusers", "kohya"], default="diffusers")
+    p.add_argument("--format", dest="fmt", choices=["diffusers", "kohya", "replicate"], default="diffusers",
+                   help="replicate: a trained_model.tar bundle (UNet LoRA, <s0><s1> embeddings, special_params.json)")
     p.add_argument("--text-encoders", action="store_true", help="also target both CLIP text encoders")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth_lora)
@@ -65,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", help="comma-separated LoRA scales: one labelled tile each, scale 0 (no LoRA) first")
     p.set_defaults(func=cmd_generate)
 
+    p = commands.add_parser("compare", help="quality check: reference vs. LoRA-enhanced images, scored, as PNG + HTML")
+    p.add_argument("--model", required=True, help="Hugging Face model id or local directory")
+    p.add_argument("--lora", required=True, metavar="SRC", help="LoRA file path or URL (.safetensors or Replicate .tar)")
+    p.add_argument("--image", required=True, type=Path, help="the original character reference")
+    p.add_argument("--prompt", action="append", required=True, help="repeatable: one row per prompt")
+    p.add_argument("--scales", default="0.6,0.8,1.0", help="comma-separated LoRA scales")
+    p.add_argument("--strengths", default="0.4,0.6", help="comma-separated img2img strengths")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.0)
+    p.add_argument("--identity-model", help="CLIP model id or directory for the identity score "
+                                             "(default: SDXL_LORA_IDENTITY_MODEL)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True, type=Path, help="directory: compare.png and index.html")
+    p.set_defaults(func=cmd_compare)
+
     p = commands.add_parser("serve", help="the FastAPI service")
     p.add_argument("--model", help="Hugging Face model id or local directory (default: SDXL_LORA_MODEL)")
     p.add_argument("--host", default="127.0.0.1")
@@ -73,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="benchmarks against the per-request-reload baseline (see bench/)",
                             add_help=False)
-    p.add_argument("which", choices=["adapters", "replay", "overhead", "gpu"])
+    p.add_argument("which", choices=["adapters", "replay", "overhead", "soak", "gpu"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
     p.set_defaults(func=cmd_bench)
 
@@ -153,6 +170,12 @@ def cmd_generate(args) -> None:
         tiles.append((result.images[0], f"scale {scale:g}"))
     contact_sheet(tiles).save(args.out)
     print(f"wrote {args.out}: {len(tiles)} tiles, scales {', '.join(f'{s:g}' for s in scales)}, seed {job.seed}")
+
+
+def cmd_compare(args) -> None:
+    from inference.compare import run_compare
+
+    run_compare(args)
 
 
 def cmd_serve(args) -> None:

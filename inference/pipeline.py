@@ -75,7 +75,8 @@ class GenerationResult:
 class Engine:
     """One pipeline on one device; `generate` is safe to call from many threads (it queues)."""
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_resident_adapters: int = 8):
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_resident_adapters: int = 8,
+                 fuse_adapters: str | bool = "auto"):
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -91,7 +92,9 @@ class Engine:
         # from_pipe casts shared modules to float32 unless told the dtype (diffusers #12754).
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.txt2img, dtype=self.dtype)
         self.img2img.set_progress_bar_config(disable=True)
-        self.adapters = AdapterCache(self.txt2img, max_resident_adapters)
+        # auto: fused on CUDA, where unfused LoRA layers cost most; on CPU a switch would pay the merge
+        fuse = self.device.type == "cuda" if fuse_adapters == "auto" else bool(fuse_adapters)
+        self.adapters = AdapterCache(self.txt2img, max_resident_adapters, fuse=fuse)
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s (%s) in %.1f s", model, self.device, self.dtype, self.load_seconds)

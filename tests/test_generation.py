@@ -269,3 +269,46 @@ def test_a_lora_coming_back_after_its_layers_were_reused_gets_its_own_adapter(ti
     engine.adapters._evict(next(iter(engine.adapters._resident)))  # room again, as after a failed load
     assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
     assert np.array_equal(render(engine, store, [(c, 1.0)]), image_c)
+
+
+# -- fused adapters (the default on CUDA) ------------------------------------------------------
+
+
+@pytest.fixture
+def fused_engine(tiny_model):
+    return Engine(str(tiny_model), device="cpu", max_resident_adapters=3, fuse_adapters=True)
+
+
+def base_weights(engine) -> dict[str, torch.Tensor]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return {name: module.get_base_layer().weight.detach().clone()
+            for component in ("unet", "text_encoder", "text_encoder_2")
+            for name, module in getattr(engine.txt2img, component).named_modules()
+            if isinstance(module, BaseTunerLayer)}
+
+
+def test_fused_loras_match_hand_merged_weights(fused_engine, store, tiny_model, make_lora):
+    a, b = make_lora(seed=1, text_encoders=True), make_lora(seed=2)
+    got = render(fused_engine, store, [(a, 0.7), (b, 0.5)])
+    assert fused_engine.adapters._saved_weights, "the active adapters should be merged into the weights"
+    assert max_diff(got, reference_image(tiny_model, [(a, 0.7), (b, 0.5)])) <= 2
+    assert np.abs(got - render(fused_engine, store)).mean() > 3
+
+
+def test_fused_switching_restores_the_base_weights_bit_for_bit(fused_engine, engine, store, make_lora):
+    a, b = make_lora(seed=1, text_encoders=True), make_lora(seed=2)
+    base = render(fused_engine, store)
+    image_a = render(fused_engine, store, [(a, 1.0)])
+    assert np.array_equal(render(fused_engine, store, [(a, 1.0)]), image_a)  # same request, same pixels
+    unfused_weights = None
+    for _ in range(2):
+        render(fused_engine, store, [(b, 0.8)])
+        assert np.array_equal(render(fused_engine, store, [(a, 1.0)]), image_a)
+        assert np.array_equal(render(fused_engine, store), base)
+        weights = base_weights(fused_engine)  # unfused now: no LoRA requested
+        if unfused_weights is not None:
+            assert all(torch.equal(weights[k], unfused_weights[k]) for k in weights)
+        unfused_weights = weights
+    assert np.array_equal(base, render(engine, store))  # the fused engine's base is the plain base
+    assert max_diff(image_a, render(engine, store, [(a, 1.0)])) <= 2  # fused vs unfused: rounding only
