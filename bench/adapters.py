@@ -4,8 +4,10 @@ naive_reload   unload_lora_weights() + load_lora_weights(file) per request (cog-
 cold_load      our path for a LoRA not yet resident while the cache has room (preflight + inject + activate)
 hotswap        the same when the cache is full (the steady state): its weights are copied into the least
                recently used adapter's layers instead of injecting new ones
-resident_switch our path when the LoRA is resident (activation only)
-base/lora_generate  one generation without LoRA / with one resident LoRA active, as the service runs it
+resident_switch our path when the LoRA is resident (activation only), adapters unfused
+fused_switch   the same with fusing on (the CUDA default): copy the base weights back, merge the new LoRA
+base/lora_generate  one generation without LoRA / with one resident LoRA active, unfused
+fused_generate the same generation with the LoRA merged into the weights
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
     from inference.pipeline import Engine, GenerationJob
 
     model = synthetic_model(size)
-    engine = Engine(str(model), device=device, max_resident_adapters=loras - 1)
+    engine = Engine(str(model), device=device, max_resident_adapters=loras - 1, fuse_adapters=False)
     pipe = engine.txt2img
     paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", loras, rank)
     store = LoraStore(BENCH_CACHE / f"store-{size}", max_cache_bytes=1 << 40, max_lora_bytes=1 << 33,
@@ -64,6 +66,11 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         samples.time("base_generate_ms", lambda: engine.generate(job))
         job.loras = [(target, 1.0)]
         samples.time("lora_generate_ms", lambda: engine.generate(job))
+        engine.adapters.set_fuse(True)
+        engine.adapters.activate([(others[0], 1.0)])
+        samples.time("fused_switch_ms", lambda: engine.adapters.activate([(target, 1.0)]))
+        samples.time("fused_generate_ms", lambda: engine.generate(job))
+        engine.adapters.set_fuse(False)
         job.loras = []
 
     result = {name: samples.median(name) for name in samples.values}
@@ -72,6 +79,7 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
         cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
         lora_over_base=result["lora_generate_ms"] / result["base_generate_ms"],
+        fused_over_base=result["fused_generate_ms"] / result["base_generate_ms"],
         machine=machine(), size=size, rank=rank, loras=loras, repeats=repeats, steps=steps,
         resolution=resolution, spread={n: [min(v), max(v)] for n, v in samples.values.items()},
     )
@@ -83,7 +91,7 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
                     [samples.row(n) for n in samples.values], ("variant", "median ms", "min", "max", "n"))
         print(f"resident/naive {result['resident_over_naive']:.4f}  cold/naive {result['cold_over_naive']:.3f}  "
               f"hotswap/naive {result['hotswap_over_naive']:.3f}  "
-              f"lora/base generate {result['lora_over_base']:.3f}")
+              f"lora/base generate {result['lora_over_base']:.3f}  fused/base {result['fused_over_base']:.3f}")
     return result
 
 

@@ -107,6 +107,11 @@ class AdapterCache:
         for key in list(self._resident):
             self._evict(key)
 
+    def set_fuse(self, fuse: bool) -> None:
+        """Switch fusing on or off; takes effect at the next activation."""
+        self._forget_layers()
+        self.fuse = fuse
+
     def prompt_for(self, prompt: str, loras: list[LoraFile]) -> str:
         """The prompt with each resident bundle's trigger text replaced by its own tokens.
 
