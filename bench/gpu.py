@@ -1,7 +1,8 @@
 """GPU benchmark on the full-size synthetic SDXL: 1024x1024, 30 steps, fp16 (or bf16).
 
-Latency without and with a resident rank-32 LoRA, adapter cold-load / resident-switch / naive
-reload, peak GPU memory, and the latency against a FLOP floor: the FLOPs of one generation
+Latency without and with a resident rank-32 LoRA (unfused PEFT layers, and merged into the
+weights as the service runs on CUDA), adapter cold-load / resident-switch (unfused and fused) /
+naive reload, peak GPU memory, and the latency against a FLOP floor: the FLOPs of one generation
 counted with torch's FlopCounterMode, divided by the matrix rate measured on this GPU.
 
 To run it on a machine without internet (e.g. a lent H100): carry wheels for what the image
@@ -56,7 +57,7 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
     if not torch.cuda.is_available():
         raise SystemExit("bench gpu needs a CUDA device")
     model = synthetic_model("full")
-    engine = Engine(str(model), device="cuda", dtype=dtype, max_resident_adapters=4)
+    engine = Engine(str(model), device="cuda", dtype=dtype, max_resident_adapters=4, fuse_adapters=False)
     pipe = engine.txt2img
     paths = lora_files(pipe, BENCH_CACHE / "loras-full", 3, rank)
     store = LoraStore(BENCH_CACHE / "store-full", max_cache_bytes=1 << 40, max_lora_bytes=1 << 33,
@@ -97,6 +98,11 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
         job.loras = [(files[0], 1.0)]
         engine.generate(job)  # make it resident first: this row is the generation only
         samples.setdefault("lora_generate_ms", []).append(timed(lambda: engine.generate(job)))
+        engine.adapters.set_fuse(True)  # the CUDA default: the active LoRA merged into the weights
+        engine.adapters.activate([(files[1], 1.0)])
+        samples.setdefault("fused_switch_ms", []).append(timed(lambda: engine.adapters.activate([(files[0], 1.0)])))
+        samples.setdefault("fused_generate_ms", []).append(timed(lambda: engine.generate(job)))
+        engine.adapters.set_fuse(False)
     job.loras = []
     flops = count_flops(engine, job)
     rate = matmul_tflops(resolve_dtype(dtype, torch.device("cuda")))
@@ -106,6 +112,7 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
         peak_memory_gib=base_peak / 2**30, flops_per_image=flops, matmul_tflops=rate, flop_floor_ms=floor_ms,
         base_over_floor=result["base_generate_ms"] / floor_ms,
         lora_over_base=result["lora_generate_ms"] / result["base_generate_ms"],
+        fused_over_base=result["fused_generate_ms"] / result["base_generate_ms"],
         resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
         cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
         machine=machine(), dtype=dtype, steps=steps, resolution=resolution, rank=rank, repeats=repeats,
@@ -119,7 +126,7 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
                     ("variant", "median ms", "min", "max", "n"))
         print(f"peak memory {result['peak_memory_gib']:.1f} GiB; {flops / 1e12:.1f} TFLOP per image at "
               f"{rate:.0f} TFLOP/s = floor {floor_ms:.0f} ms; base/floor {result['base_over_floor']:.2f}; "
-              f"lora/base {result['lora_over_base']:.3f}")
+              f"lora/base {result['lora_over_base']:.3f}; fused/base {result['fused_over_base']:.3f}")
     return result
 
 
