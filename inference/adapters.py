@@ -141,9 +141,9 @@ class AdapterCache:
             victim_key = next(k for k in self._resident if k not in keep)
             victim = self._resident[victim_key]
             if self.hotswap and _can_hotswap(victim.summary, summary):
+                tokens = self._load_tokens(lora)  # first: a bad bundle leaves the victim untouched
                 del self._resident[victim_key]
                 self._unload_tokens(victim.tokens)
-                tokens = self._load_tokens(lora)
                 try:
                     self._hotswap(victim.name, lora, weights)
                 except Exception:

@@ -217,3 +217,17 @@ def test_bundles_are_cached_as_directories_and_evicted_whole(tmp_path, make_lora
     store.fetch("other", str(make_lora(seed=5, fmt="replicate")))  # over the cap: the LRU bundle goes
     assert not first.entry.exists()
     assert [e.lora_id for e in store.entries()] == ["other"]
+
+
+def test_a_bad_bundle_refused_at_a_full_cache_leaves_the_resident_adapter_working(tmp_path, tiny_model, store, make_lora):
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1)
+    good = store.fetch("good", str(make_lora(seed=4, fmt="replicate")))
+    image = render(engine, [(good, 1.0)])
+    members = bundle_members(make_lora(seed=5, fmt="replicate"))
+    members["embeddings.pti"] = save({"text_encoders_0": torch.zeros(2, 7), "text_encoders_1": torch.zeros(2, 7)})
+    bad = store.fetch("bad", str(make_tar(tmp_path / "bad.tar", members)))
+    with pytest.raises(ServiceError) as err:
+        render(engine, [(bad, 1.0)])
+    assert err.value.code == ErrorCode.LORA_INCOMPATIBLE
+    assert engine.adapters.injected_names() == {a.name for a in engine.adapters.resident()}
+    assert np.array_equal(render(engine, [(good, 1.0)]), image)
