@@ -84,8 +84,10 @@ class InferenceService:
             "max_resident": self.settings.max_resident_adapters,
             "resident": [{"id": a.lora.lora_id, "sha256": a.lora.sha256, "adapter": a.name, "uses": a.uses,
                           "loaded_at": datetime.fromtimestamp(a.loaded_at, timezone.utc).isoformat(),
-                          "layers": a.summary.layers, "ranks": list(a.summary.ranks)} for a in resident],
-            "disk": [{"id": f.lora_id, "sha256": f.sha256, "bytes": f.size} for f in self.store.entries()],
+                          "layers": a.summary.layers, "ranks": list(a.summary.ranks),
+                          "tokens": a.tokens} for a in resident],
+            "disk": [{"id": f.lora_id, "sha256": f.sha256, "bytes": f.size, "bundle": f.entry != f.path}
+                     for f in self.store.entries()],
             "disk_max_bytes": self.settings.lora_cache_max_bytes,
         }
 
