@@ -3,6 +3,14 @@
 Generation runs off the event loop; the engine's lock makes it one at a time per GPU, while LoRA
 downloads of queued requests proceed in parallel. At most QUEUE_MAX requests wait; beyond that
 the answer is 429 `busy` with Retry-After.
+
+Shutdown (SIGTERM or SIGINT, as a platform stops a container): the app starts draining at once,
+before uvicorn stops accepting and waits for open requests. While draining, a new request is
+answered `busy` and /readyz is 503; the generation running finishes; a queued request still runs
+if it can finish within the grace period (SDXL_LORA_SHUTDOWN_GRACE_S, default 20 s, judged from
+recent request times), and is answered `busy` otherwise, at the latest when the grace period
+ends. So every request gets an answer, and the process exits within the grace period plus one
+generation (a LoRA download under way when the grace period ends is abandoned to its own timeout).
 """
 
 from __future__ import annotations
@@ -11,6 +19,7 @@ import asyncio
 import json
 import logging
 import secrets
+import signal
 import threading
 import time
 import uuid
@@ -25,31 +34,44 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import Metrics
 from api.schema import ErrorResponse, GenerateRequest, GenerateResponse
-from inference.errors import ErrorCode, ServiceError
+from inference.errors import HTTP_STATUS, ErrorCode, ServiceError
 from inference.settings import Settings
 
 log = logging.getLogger("sdxl_lora.api")
 
 ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 422, 424, 429, 500, 502, 503)}
+# The largest body a valid request can have: the schema's cap on `image` (a data: URI) plus room for
+# the rest. Anything larger is refused before it is read, so a huge body cannot exhaust memory.
+MAX_BODY_BYTES = 65 * 1024**2
+DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def create_app(settings: Settings | None = None, service=None) -> FastAPI:
-    """`service` may be given (tests); otherwise one is built and its pipeline loaded at startup."""
+def create_app(settings: Settings | None = None, service=None, grace_s: float | None = None) -> FastAPI:
+    """`service` may be given (tests); otherwise one is built and its pipeline loaded at startup.
+    `grace_s` overrides the shutdown grace period (see the module docstring)."""
     settings = settings or Settings()
     metrics = Metrics()
-    state = _State(settings, service, metrics)
+    state = _State(settings, service, metrics, settings.shutdown_grace_s if grace_s is None else grace_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if not settings.api_key:
             log.warning("SDXL_LORA_API_KEY is not set: the API accepts requests WITHOUT authentication")
+        state.loop = asyncio.get_running_loop()
+        previous = _chain_signals(state.begin_drain)
         threading.Thread(target=state.load, name="pipeline-load", daemon=True).start()
         yield
-        state.executor.shutdown(wait=True, cancel_futures=False)
+        state.begin_drain()  # a server stopped without a signal (tests, an embedding program)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        # Every request has been answered by now (uvicorn waits for them); a thread still busy is
+        # a download abandoned at the end of the grace period, bounded by its own timeout.
+        state.executor.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="sdxl-lora-service", version="0.1.0", lifespan=lifespan,
                   description="SDXL + LoRA character reference images. Errors: `{error: {code, message}}`.")
     app.state.service_state = state
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     bearer = HTTPBearer(auto_error=False)
 
     def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -98,8 +120,11 @@ def create_app(settings: Settings | None = None, service=None) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         code = ErrorCode.UNAUTHORIZED if exc.status_code in (401, 403) else (
             ErrorCode.INVALID_REQUEST if exc.status_code < 500 else ErrorCode.INTERNAL)
+        # A body that cannot be parsed at all (FastAPI's 400) is an invalid request like any other: 422,
+        # the status the contract gives invalid_request. 404, 405 and the like keep their own status.
+        status = HTTP_STATUS[code] if exc.status_code == 400 else exc.status_code
         return JSONResponse({"error": {"code": code.value, "message": str(exc.detail)}},
-                            status_code=exc.status_code, headers={"x-error-code": code.value})
+                            status_code=status, headers={"x-error-code": code.value, **(exc.headers or {})})
 
     @app.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True,
               responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
@@ -112,6 +137,8 @@ def create_app(settings: Settings | None = None, service=None) -> FastAPI:
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz():
+        if state.draining:
+            return JSONResponse({"error": {"code": "busy", "message": "shutting down"}}, status_code=503)
         if state.load_error:
             return JSONResponse({"error": {"code": "internal", "message": state.load_error}}, status_code=503)
         if not state.service or not state.service.ready:
@@ -124,7 +151,8 @@ def create_app(settings: Settings | None = None, service=None) -> FastAPI:
             metrics.resident_adapters.set(len(state.service.engine.adapters.resident()))
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/adapters", dependencies=[Depends(require_api_key)])
+    @app.get("/v1/adapters", dependencies=[Depends(require_api_key)],
+             responses={status: {"model": ErrorResponse} for status in (401, 429)})
     async def adapters() -> dict:
         if not state.service:
             raise ServiceError(ErrorCode.BUSY, "the service is still starting")
@@ -133,10 +161,85 @@ def create_app(settings: Settings | None = None, service=None) -> FastAPI:
     return app
 
 
-class _State:
-    """Admission control and the worker threads that run requests."""
+class _BodyTooLarge(Exception):
+    pass
 
-    def __init__(self, settings: Settings, service, metrics: Metrics):
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than `limit` is refused as invalid_request (422).
+
+    A declared Content-Length over the limit is answered before any of the body is read; a body
+    without one (chunked) is cut off once it passes the limit.
+    """
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            message = f"the request body is larger than the {self.limit} bytes allowed"
+            response = JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422,
+                                    headers={"x-error-code": "invalid_request", "connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge(f"the request body is larger than the {self.limit} bytes allowed")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _chain_signals(on_signal) -> dict:
+    """Call `on_signal()` first on SIGTERM/SIGINT, then whatever handled them before (uvicorn's
+    handler, which stops accepting and waits for open requests). Returns the handlers replaced.
+
+    Signal handlers can only be set from the main thread: elsewhere (a server in a thread) nothing
+    is chained and the lifespan's shutdown starts the drain instead.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    for sig in DRAIN_SIGNALS:
+        before = signal.getsignal(sig)
+        if before is None or before == signal.SIG_IGN:  # set outside Python, or ignored: leave it be
+            continue
+
+        def handler(signum, frame, before=before):
+            on_signal()
+            if callable(before):
+                before(signum, frame)
+            elif before == signal.SIG_DFL:  # nobody else handles it: do what the default would
+                signal.signal(signum, signal.SIG_DFL)
+                signal.raise_signal(signum)
+
+        previous[sig] = before
+        signal.signal(sig, handler)
+    return previous
+
+
+class _Ticket:
+    """One admitted request: whether it holds the pipeline's turn, or was answered busy while waiting."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = False
+        self.abandoned = False
+
+
+class _State:
+    """Admission control, the worker threads that run requests, and the drain at shutdown."""
+
+    def __init__(self, settings: Settings, service, metrics: Metrics, grace_s: float):
         self.settings = settings
         self.service = service
         self.metrics = metrics
@@ -144,6 +247,14 @@ class _State:
         self.in_flight = 0  # running + waiting; touched only on the event loop
         self.executor = ThreadPoolExecutor(max_workers=settings.queue_max + 1, thread_name_prefix="generate")
         self._recent_seconds = 5.0
+        self.grace_s = grace_s
+        self.draining = False
+        self.drain_deadline = float("inf")  # time.monotonic() at which waiting requests are answered busy
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_over: asyncio.Event | None = None  # set on the loop when the grace period ends
+        # The pipeline's turn, taken after a request's LoRAs are fetched and held while it generates:
+        # it mirrors the engine's lock, so the app knows which requests are still only waiting.
+        self.turn = threading.Lock()
 
     def load(self) -> None:
         try:
@@ -159,19 +270,106 @@ class _State:
     def retry_after_s(self) -> int:
         return max(1, round(self._recent_seconds))
 
+    # -- shutdown ------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Stop admitting; waiting requests run only while the grace period allows. Idempotent;
+        safe from a signal handler (it only sets fields and schedules work on the loop)."""
+        if self.draining:
+            return
+        self.drain_deadline = time.monotonic() + self.grace_s
+        self.draining = True
+        log.log(logging.WARNING if self.in_flight else logging.INFO,
+                "shutting down: %d request(s) in flight, %.0f s grace", self.in_flight, self.grace_s)
+        if self.loop is not None and not self.loop.is_closed():
+            try:
+                self.loop.call_soon_threadsafe(self._arm_drain_timer)
+            except RuntimeError:  # the loop stopped meanwhile
+                pass
+
+    def _arm_drain_timer(self) -> None:
+        event = self._drain_event()
+        self.loop.call_later(max(0.0, self.drain_deadline - time.monotonic()), event.set)
+
+    def _drain_event(self) -> asyncio.Event:
+        if self._drain_over is None:
+            self._drain_over = asyncio.Event()
+        return self._drain_over
+
+    def _too_late_to_start(self) -> bool:
+        """While draining: would a request started now run past the grace period?"""
+        return self.draining and time.monotonic() + self._recent_seconds > self.drain_deadline
+
+    # -- one request ---------------------------------------------------------------------------
+
     async def run(self, body: GenerateRequest) -> GenerateResponse:
+        if self.draining:
+            raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
         if self.service is None or not self.service.ready:
             raise ServiceError(ErrorCode.BUSY, "the pipeline is still loading")
         if self.in_flight >= self.settings.queue_max + 1:
             raise ServiceError(ErrorCode.BUSY, f"queue full ({self.settings.queue_max} waiting)")
         self.in_flight += 1
         self.metrics.queue_depth.set(max(0, self.in_flight - 1))
+        ticket = _Ticket()
         try:
             loop = asyncio.get_running_loop()
-            response = await loop.run_in_executor(self.executor, self.service.generate, body)
+            future = loop.run_in_executor(self.executor, self._generate, body, ticket)
+            drain_over = asyncio.ensure_future(self._drain_event().wait())
+            try:
+                await asyncio.wait({future, drain_over}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                drain_over.cancel()
+            if not future.done():  # the grace period is over and this request may still be waiting
+                with ticket.lock:
+                    if not ticket.started:
+                        ticket.abandoned = True
+                if ticket.abandoned:
+                    future.add_done_callback(_discard)  # the thread sees `abandoned` and stops before generating
+                    raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+            response = await future  # running: let it finish
         finally:
             self.in_flight -= 1
             self.metrics.queue_depth.set(max(0, self.in_flight - 1))
         self.metrics.observe(response)
         self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * response.timings_ms.total / 1e3
         return response
+
+    def _generate(self, body: GenerateRequest, ticket: _Ticket) -> GenerateResponse:
+        """In a worker thread: the service's whole request, taking the pipeline's turn once the LoRAs
+        are fetched (its "generate" phase) and giving it back when the images are made ("encode")."""
+        holding = False
+
+        def progress(phase: str) -> None:
+            nonlocal holding
+            if phase == "generate" and not holding:
+                self._take_turn(ticket)
+                holding = True
+            elif phase != "generate" and holding:
+                self.turn.release()
+                holding = False
+
+        try:
+            return self.service.generate(body, progress=progress)
+        finally:
+            if holding:
+                self.turn.release()
+
+    def _take_turn(self, ticket: _Ticket) -> None:
+        while True:
+            if ticket.abandoned or self._too_late_to_start():
+                raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+            if self.turn.acquire(timeout=0.05):
+                break
+        with ticket.lock:
+            if not ticket.abandoned and not self._too_late_to_start():
+                ticket.started = True
+                return
+        self.turn.release()
+        raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+
+
+def _discard(future) -> None:
+    """Collect the result of a request already answered busy, so its exception is not reported."""
+    if not future.cancelled():
+        future.exception()

@@ -22,7 +22,10 @@ import logging
 import re
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+
+import torch
 
 from inference.bundles import load_embedding_rows
 from inference.errors import ErrorCode, ServiceError
@@ -180,12 +183,18 @@ class AdapterCache:
                 pipe.load_lora_into_unet(weights.state_dict, unet=pipe.unet, **common)
             for prefix, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
                 if prefix in present:
-                    pipe.load_lora_into_text_encoder(weights.state_dict, text_encoder=encoder, prefix=prefix,
-                                                     lora_scale=pipe.lora_scale, **common)
+                    with _quiet_transformers():
+                        pipe.load_lora_into_text_encoder(weights.state_dict, text_encoder=encoder, prefix=prefix,
+                                                         lora_scale=pipe.lora_scale, **common)
         except Exception as exc:
             self._purge(name)
             if isinstance(exc, ServiceError):
                 raise
+            if isinstance(exc, torch.OutOfMemoryError):  # the device's trouble, not the LoRA's: retryable 503
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                raise ServiceError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory while loading the LoRA; "
+                                   "retry, or use fewer LoRAs at once") from exc
             text = str(exc)
             if "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
                 raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}") from exc
@@ -325,3 +334,20 @@ class AdapterCache:
             self._layers = [m for model in models if model is not None for m in model.modules()
                             if isinstance(m, BaseTunerLayer)]
         return self._layers
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers 5 logs a "LOAD REPORT" calling every LoRA key MISSING (they are loaded: the
+    hand-merged reference tests check it) and a progress bar per text encoder; keep the log clean."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -30,6 +31,7 @@ MAX_MEMBERS = 64
 MAX_PARAMS_BYTES = 64 * 1024
 EMBEDDING_KEYS = (("text_encoders_0", "clip_l"), ("text_encoders_1", "clip_g"))  # per text encoder
 _TOKEN_RE = re.compile(r"<s(\d+)>")
+DECOMPRESSION_ERRORS = (zlib.error,)  # gzip damage past the first header; tarfile does not wrap it
 
 
 def invalid(message: str) -> ServiceError:
@@ -54,7 +56,7 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> None:
     full_unet = False
     try:
         tar = tarfile.open(archive, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, *DECOMPRESSION_ERRORS) as exc:
         raise invalid(f"not a readable tar archive ({exc})") from exc
     with tar:
         try:
@@ -77,7 +79,7 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> None:
                 if total > max_bytes:
                     raise invalid(f"unpacks to more than {max_bytes} bytes")
                 _copy_member(tar, member, dest / base, max_bytes)
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        except (tarfile.TarError, EOFError, OSError, ValueError, *DECOMPRESSION_ERRORS) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # disk full, permissions: not the bundle's fault
             raise invalid(f"corrupt tar archive ({exc})") from exc

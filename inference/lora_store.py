@@ -28,6 +28,7 @@ Different LoRAs download in parallel.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 SUFFIX = ".safetensors"
 BUNDLE_SUFFIX = ".bundle"
 STALE_TMP_SECONDS = 3600
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 ID_HASH_HEX = 24  # 96 bits of sha256(raw id) in every slug
 LOCK_WAIT_MARGIN_S = 60.0
 _FILE_RE = re.compile(r"(?P<slug>[A-Za-z0-9._]+\.[0-9a-f]{%d})-(?P<sha>[0-9a-f]{64})(?P<kind>\.safetensors|\.bundle)"
@@ -335,6 +337,12 @@ class LoraStore:
                 self._remember_id(slug, lora_id)
                 os.replace(tmp, final)
             _fsync_dir(self.cache_dir)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            log.error("the LoRA cache volume %s is full while fetching %r: lower SDXL_LORA_LORA_CACHE_MAX_BYTES "
+                      "below the volume's size, or grow the volume", self.cache_dir, lora_id)
+            raise ServiceError(ErrorCode.INTERNAL, "the LoRA cache volume is full (no space left on device)") from exc
         finally:
             tmp.unlink(missing_ok=True)  # gone already unless it failed, or was a bundle's tar
         log.info("fetched LoRA %r from %s: %d bytes in %.0f ms", lora_id, _redact(url), sink.size,

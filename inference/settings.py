@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     download_timeout_s: float = 60.0
     max_image_bytes: int = 32 * 1024**2
     presign_expiry_s: int = 3600
+    # On SIGTERM, how long requests already accepted may run before the server exits (new ones get 503).
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
     # CLIP model id or directory for each img2img image's `identity_score` (inference/identity.py).
     # Off by default: the score costs a second model in GPU memory and, for a hub id, a download,
     # so only a deployer who asks gets it (Dockerfile.gpu sets openai/clip-vit-large-patch14).

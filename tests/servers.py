@@ -374,3 +374,127 @@ class S3Server:
 
     def __exit__(self, *exc) -> None:
         self.server.stop()
+
+
+# -- a switchable TCP front -----------------------------------------------------------------------
+
+
+class TcpGate:
+    """A fixed loopback port in front of a real server, whose behaviour a test switches.
+
+    Modes: ``"forward"`` relays bytes to `target` (host, port); ``"stall"`` accepts connections and
+    never answers (a read timeout for the client); ``"refuse"`` closes the listening socket, so a
+    connect is refused. Switching mode drops every open connection, so a client's keep-alive pool
+    cannot carry the old behaviour over. The port stays the same throughout: the code under test
+    keeps one endpoint URL, as it would with a real S3 endpoint that goes down and comes back.
+
+        with S3Server(monkeypatch) as s3, TcpGate(("127.0.0.1", s3.port)) as gate:
+            gate.set_mode("stall")
+            ... endpoint_url=gate.endpoint ...
+    """
+
+    def __init__(self, target: tuple[str, int], host: str = "127.0.0.1"):
+        self.target = target
+        self.host = host
+        self.mode = "forward"
+        self.accepted = 0
+        self._lock = threading.Lock()
+        self._conns: list[socket.socket] = []
+        self._listener: socket.socket | None = None
+        self._stop = threading.Event()
+        self.port = self._listen(0)
+        self._thread = threading.Thread(target=self._accept_loop, name=f"TcpGate:{self.port}", daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in ("forward", "stall", "refuse"):
+            raise ValueError(mode)
+        with self._lock:
+            self.mode = mode
+            conns, self._conns = self._conns, []
+            if mode == "refuse" and self._listener is not None:
+                self._listener.close()
+                self._listener = None
+        for conn in conns:
+            _close_quietly(conn)
+        if mode != "refuse" and self._listener is None:
+            self._listen(self.port)
+
+    def _listen(self, port: int) -> int:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, port))
+        listener.listen(64)
+        listener.settimeout(0.05)
+        with self._lock:
+            self._listener = listener
+        return listener.getsockname()[1]
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                listener = self._listener
+            if listener is None:
+                time.sleep(0.02)
+                continue
+            try:
+                conn, _ = listener.accept()
+            except (TimeoutError, OSError):  # timeout, or the listener was closed by set_mode
+                continue
+            conn.settimeout(None)
+            with self._lock:
+                mode = self.mode
+                self.accepted += 1
+                self._conns.append(conn)
+            if mode == "forward":
+                threading.Thread(target=self._relay, args=(conn,), daemon=True).start()
+            # "stall": keep the connection open and never read or answer; set_mode/close drops it
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=5)
+        except OSError:
+            _close_quietly(client)
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._conns.append(upstream)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                _close_quietly(src)
+                _close_quietly(dst)
+
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+
+    def __enter__(self) -> TcpGate:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with self._lock:
+            conns, self._conns = self._conns, []
+            listener, self._listener = self._listener, None
+        for conn in conns:
+            _close_quietly(conn)
+        if listener is not None:
+            listener.close()
+
+
+def _close_quietly(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()

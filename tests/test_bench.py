@@ -35,3 +35,13 @@ def test_overhead_bench_reports_ratio():
 
     result = run(size="tiny", repeats=1, steps=1, as_json=True)
     assert result["ratio"] == pytest.approx(result["http_ms"] / result["direct_ms"])
+
+
+def test_soak_bench_answers_everything_and_reports_memory():
+    from bench.soak import run
+
+    result = run(duration=3, clients=2, loras=4, max_resident=2, disk_loras=2, as_json=True)
+    assert result["requests_tried"] > 0 and result["requests_lost"] == 0
+    assert result["requests_answered"] == result["requests_tried"]
+    assert result["five_xx_not_injected"] == 0 and result["unexpected"] == {}
+    assert result["adapters_consistent"] and result["rss_after_soak_mb"] > 0 and result["rss_ratio"] > 0

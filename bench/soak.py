@@ -1,0 +1,433 @@
+"""A bounded soak on loopback: many clients, a mix of good and bad requests, many LoRAs through few
+adapter slots, for a fixed time. Every request must be answered, no 5xx but the injected ones, and
+memory after the soak within 10 % of memory after warm-up (adapters are loaded and deleted
+thousands of times).
+
+Memory is read (VmRSS, after garbage collection and glibc's malloc_trim) once the warm-up is over
+(every LoRA once, every kind of request once, then the full load for a while, so that worker
+threads and their allocator arenas exist) and again after the soak.
+
+The service runs in this process (FastAPI under uvicorn on 127.0.0.1, the tiny synthetic SDXL) so
+its memory can be read (VmRSS) and its adapter cache counted; the clients are threads with their
+own HTTP connections. The LoRAs are served by a loopback file server that also misbehaves on
+purpose (HTTP 500, a stall). Half the LoRAs also target the text encoders, so they are never
+hot-swapped: each of their loads injects a new adapter and deletes the least recently used one.
+
+Request kinds, and the answer each must get (anything else counts as unexpected):
+
+    good (1 or 2 LoRAs) 200 | invalid body 422 invalid_request | LoRA 404, HTTP 500 or stalled
+    424 lora_download_failed | garbage or pickle 422 lora_invalid | keys for no module 422
+    lora_incompatible | injected CUDA OOM (torch.OutOfMemoryError inside the pipeline) 503 out_of_memory
+
+Exits 1 when a request was lost, a 5xx was not injected, an answer was unexpected, the resident
+adapters disagree with the pipeline's layers, or memory grew more than 10 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import gc
+import pickle
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.common import BENCH_CACHE, emit_json, lora_files, machine, percentile, print_table, synthetic_model
+
+PROMPT = "a portrait photo of a character"
+OOM_MARK = "[inject-oom]"
+MEMORY_TOLERANCE = 0.10
+KINDS = {  # kind -> (expected status, expected code, weight in the mix)
+    "good": (200, "", 60),
+    "good2": (200, "", 12),
+    "invalid_body": (422, "invalid_request", 4),
+    "lora_404": (424, "lora_download_failed", 4),
+    "lora_500": (424, "lora_download_failed", 4),
+    "lora_stall": (424, "lora_download_failed", 2),
+    "lora_garbage": (422, "lora_invalid", 4),
+    "lora_pickle": (422, "lora_invalid", 3),
+    "lora_incompatible": (422, "lora_incompatible", 3),
+    "oom": (503, "out_of_memory", 4),
+}
+INJECTED_5XX = {"oom"}
+
+
+def quiet_libraries() -> None:
+    """Thousands of adapter loads: transformers' per-load report (30 lines for every text-encoder
+    LoRA injected next to another) and PEFT's multiple-adapters warning would bury the table."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def settle_memory() -> int:
+    """Collect garbage and hand freed heap back to the OS (glibc), then read RSS: live memory, not
+    what the allocator happens to keep cached."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return rss_bytes()
+
+
+class OomOnMark:
+    """Stands in for the txt2img pipeline: raises the CUDA OOM torch raises when the prompt carries
+    OOM_MARK, otherwise calls the real pipeline. Everything else is the real pipeline's."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __call__(self, *args, **kwargs):
+        import torch
+
+        if OOM_MARK in (kwargs.get("prompt") or ""):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by bench soak)")
+        return self._pipe(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+
+class FaultyFileServer:
+    """Static files under /files/, plus /fault/500/NAME (HTTP 500) and /fault/stall/NAME (headers,
+    then silence for `stall_s`)."""
+
+    def __init__(self, root: Path, stall_s: float):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def handle(self):
+                try:
+                    super().handle()
+                except ConnectionError:  # the service gave up on a stalled download: expected
+                    self.close_connection = True
+
+            def do_GET(self):
+                parts = self.path.strip("/").split("/")
+                try:
+                    if parts[:2] == ["fault", "500"]:
+                        return self._send(500, b"injected failure")
+                    if parts[:2] == ["fault", "stall"]:
+                        self.send_response(200)
+                        self.send_header("Content-Length", "1000000")
+                        self.end_headers()
+                        self.wfile.flush()
+                        time.sleep(stall_s)
+                        self.close_connection = True
+                        return
+                    file = root / "/".join(parts[1:]) if parts[:1] == ["files"] else None
+                    if file is None or not file.is_file() or file.parent != root:
+                        return self._send(404, b"not found")
+                    self._send(200, file.read_bytes())
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True
+
+            def _send(self, status: int, body: bytes):
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> FaultyFileServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def write_bad_files(root: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    (root / "garbage.safetensors").write_bytes(b"\x00garbage" * 500)
+    (root / "pickle.safetensors").write_bytes(pickle.dumps({"unet.x.lora_A.weight": list(range(100))}))
+    save_file({"unet.no_such_block.attn.to_q.lora_A.weight": torch.zeros(4, 64),
+               "unet.no_such_block.attn.to_q.lora_B.weight": torch.zeros(64, 4)}, str(root / "incompatible.safetensors"))
+
+
+class Plan:
+    """What each request is: its kind and body, drawn from a seeded generator per client."""
+
+    def __init__(self, files: str, names: list[str], steps: int, resolution: int):
+        self.files = files
+        self.names = names
+        self.steps = steps
+        self.resolution = resolution
+        self.weights = [KINDS[k][2] for k in KINDS]
+
+    def draw(self, rng: random.Random) -> tuple[str, dict]:
+        kind = rng.choices(list(KINDS), weights=self.weights)[0]
+        return kind, self.body(kind, rng)
+
+    def body(self, kind: str, rng: random.Random) -> dict:
+        body = {"prompt": PROMPT, "num_inference_steps": self.steps, "width": self.resolution,
+                "height": self.resolution, "seed": rng.randrange(1 << 30)}
+        lora = lambda name, lora_id=None: {"id": lora_id or name, "url": f"{self.files}/files/{name}"}  # noqa: E731
+        if kind == "good":
+            body["loras"] = [lora(rng.choice(self.names))]
+        elif kind == "good2":
+            body["loras"] = [lora(n) for n in rng.sample(self.names, 2)]
+        elif kind == "invalid_body":
+            body["width"] = 63
+        elif kind == "lora_404":
+            body["loras"] = [lora("missing.safetensors")]
+        elif kind == "lora_500":
+            body["loras"] = [{"id": "flaky", "url": f"{self.files}/fault/500/x.safetensors"}]
+        elif kind == "lora_stall":
+            body["loras"] = [{"id": "stalled", "url": f"{self.files}/fault/stall/x.safetensors"}]
+        elif kind == "lora_garbage":
+            body["loras"] = [lora("garbage.safetensors")]
+        elif kind == "lora_pickle":
+            body["loras"] = [lora("pickle.safetensors")]
+        elif kind == "lora_incompatible":
+            body["loras"] = [lora("incompatible.safetensors")]
+        elif kind == "oom":
+            body["prompt"] = f"{PROMPT} {OOM_MARK}"
+            body["loras"] = [lora(rng.choice(self.names))]
+        return body
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.tried = 0
+        self.lost: list[str] = []
+        self.by_answer: collections.Counter = collections.Counter()  # (status, code)
+        self.by_kind: collections.Counter = collections.Counter()  # (kind, status, code)
+        self.unexpected: collections.Counter = collections.Counter()
+        self.five_xx_not_injected = 0
+        self.sources: collections.Counter = collections.Counter()
+        self.good_ms: list[float] = []
+
+    def record(self, kind: str, response, elapsed_ms: float) -> None:
+        with self.lock:
+            self.tried += 1
+            if isinstance(response, Exception):
+                self.lost.append(f"{kind}: {type(response).__name__}: {response}")
+                return
+            status = response.status_code
+            code = "" if status == 200 else _error_code(response)
+            self.by_answer[(status, code)] += 1
+            self.by_kind[(kind, status, code)] += 1
+            if (status, code) != KINDS[kind][:2]:
+                self.unexpected[(kind, status, code)] += 1
+            if status >= 500 and kind not in INJECTED_5XX:
+                self.five_xx_not_injected += 1
+            if status == 200:
+                self.good_ms.append(elapsed_ms)
+                for lora in response.json()["loras"]:
+                    self.sources[lora["source"]] += 1
+
+
+def _error_code(response) -> str:
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return "(not the error envelope)"
+
+
+def client_loop(base: str, plan: Plan, rng: random.Random, deadline: float, tally: Tally) -> None:
+    import httpx
+
+    with httpx.Client(base_url=base, timeout=120) as http:
+        while time.monotonic() < deadline:
+            kind, body = plan.draw(rng)
+            started = time.perf_counter()
+            try:
+                response = http.post("/v1/generate", json=body)
+            except Exception as exc:  # a lost request: the figure that must stay 0
+                response = exc
+            tally.record(kind, response, (time.perf_counter() - started) * 1e3)
+
+
+def load(base: str, plan: Plan, clients: int, seed: int, duration: float, tally: Tally) -> list[int]:
+    """`clients` threads sending requests for `duration` seconds; returns RSS samples taken meanwhile."""
+    deadline = time.monotonic() + duration
+    threads = [threading.Thread(target=client_loop, args=(base, plan, random.Random(seed * 1000 + i + 1),
+                                                          deadline, tally), daemon=True)
+               for i in range(clients)]
+    for t in threads:
+        t.start()
+    samples = []
+    while any(t.is_alive() for t in threads):
+        samples.append(rss_bytes())
+        time.sleep(0.5)
+    return samples
+
+
+def run(duration: float = 120, clients: int = 8, loras: int = 20, max_resident: int = 4, steps: int = 2,
+        size: str = "tiny", rank: int = 4, disk_loras: int = 10, seed: int = 0, warmup_s: float | None = None,
+        as_json: bool = False) -> dict:
+    import httpx
+
+    from api.app import create_app
+    from api.local_server import LocalServer
+    from inference.service import InferenceService
+    from inference.settings import Settings
+
+    quiet_libraries()
+    warmup_s = min(30.0, max(2.0, duration / 4)) if warmup_s is None else warmup_s
+    model = synthetic_model(size)
+    resolution = 64 if size == "tiny" else 512
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="soak-", dir=BENCH_CACHE))
+    settings = Settings(model=str(model), allow_private_urls=True, lora_cache_dir=work / "cache",
+                        max_resident_adapters=max_resident, download_timeout_s=1.0)
+    service = InferenceService(settings)
+    service.load()
+    engine = service.engine
+    unet_only = lora_files(engine.txt2img, BENCH_CACHE / f"soak-loras-{size}", loras - loras // 2, rank)
+    with_te = lora_files(engine.txt2img, BENCH_CACHE / f"soak-loras-{size}", loras // 2, rank, text_encoders=True)
+    files_dir = work / "files"
+    files_dir.mkdir()
+    for path in unet_only + with_te:
+        (files_dir / path.name).write_bytes(path.read_bytes())
+    write_bad_files(files_dir)
+    if disk_loras:  # the disk cache holds only this many LoRAs: downloads and evictions go on too
+        service.store.max_cache_bytes = disk_loras * max(p.stat().st_size for p in unet_only + with_te)
+    names = [p.name for p in unet_only + with_te]
+    engine.txt2img = OomOnMark(engine.txt2img)
+    adapters = engine.adapters
+
+    tally = Tally()
+    with FaultyFileServer(files_dir, stall_s=3.0) as files, \
+            LocalServer(create_app(settings, service=service), wait_ready=True) as base:
+        plan = Plan(files.base, names, steps, resolution)
+        # Warm-up: every LoRA once and every kind of request once, one at a time; then the full
+        # load for a while, so that caches, worker threads and their allocator arenas are at their
+        # working size before memory is first read.
+        rng = random.Random(seed)
+        with httpx.Client(base_url=base, timeout=120) as http:
+            warm = [("good", {**plan.body("good", rng), "loras": [{"id": n, "url": f"{files.base}/files/{n}"}]})
+                    for n in names] + [(k, plan.body(k, rng)) for k in KINDS]
+            for kind, body in warm:
+                http.post("/v1/generate", json=body)
+        load(base, plan, clients, seed + 10_000, warmup_s, Tally())
+        injections_before = adapters._injections
+        resident_before = len(adapters.resident())
+        rss_warm = settle_memory()
+
+        started = time.perf_counter()
+        samples = load(base, plan, clients, seed, duration, tally)
+        elapsed = time.perf_counter() - started
+        rss_end = settle_memory()
+        peak = max([rss_warm, rss_end, *samples])
+        half = len(samples) // 2
+        resident = adapters.resident()
+        consistent = adapters.injected_names() == {a.name for a in resident} and len(resident) <= max_resident
+
+    loads = tally.sources["disk"] + tally.sources["download"]
+    injected = adapters._injections - injections_before
+    result = {
+        "requests_tried": tally.tried,
+        "requests_answered": tally.tried - len(tally.lost),
+        "requests_lost": len(tally.lost),
+        "lost_examples": tally.lost[:5],
+        "by_status_code": {f"{s} {c}".strip(): n for (s, c), n in sorted(tally.by_answer.items())},
+        "by_kind": {f"{k} -> {s} {c}".strip(): n for (k, s, c), n in sorted(tally.by_kind.items())},
+        "unexpected": {f"{k} -> {s} {c}".strip(): n for (k, s, c), n in sorted(tally.unexpected.items())},
+        "five_xx_not_injected": tally.five_xx_not_injected,
+        "rss_after_warmup_mb": rss_warm / 2**20,
+        "rss_after_soak_mb": rss_end / 2**20,
+        "rss_peak_mb": peak / 2**20,
+        "rss_ratio": rss_end / rss_warm if rss_warm else 0.0,
+        # raw RSS (no trim) sampled every 0.5 s: mean of the soak's second half over its first half
+        "rss_second_half_over_first": (sum(samples[half:]) / max(1, len(samples) - half)) / max(1, sum(samples[:half]) / max(1, half)),
+        "adapter_loads": loads,
+        "adapters_injected": injected,
+        "adapters_hotswapped": loads - injected,
+        "loras_evicted_from_pipeline": loads - (len(resident) - resident_before),  # deleted or overwritten by a hotswap
+        "adapters_deleted": injected - (len(resident) - resident_before),
+        "lora_sources": dict(tally.sources),
+        "adapters_consistent": consistent,
+        "requests_per_s": tally.tried / elapsed,
+        "good_p50_ms": percentile(tally.good_ms, 50) if tally.good_ms else 0.0,
+        "good_p95_ms": percentile(tally.good_ms, 95) if tally.good_ms else 0.0,
+        "duration_s": elapsed, "warmup_s": warmup_s, "clients": clients, "loras": loras, "max_resident": max_resident,
+        "disk_loras": disk_loras, "steps": steps, "size": size, "machine": machine(),
+    }
+    result["ok"] = (result["requests_lost"] == 0 and result["five_xx_not_injected"] == 0 and not result["unexpected"]
+                    and consistent and result["rss_ratio"] <= 1 + MEMORY_TOLERANCE)
+    if as_json:
+        emit_json(result)
+    else:
+        report(result)
+    return result
+
+
+def report(r: dict) -> None:
+    print_table(f"soak: {r['duration_s']:.0f} s after {r['warmup_s']:.0f} s of warm-up, {r['clients']} clients, {r['loras']} LoRAs (half with text "
+                f"encoders), MAX_RESIDENT_ADAPTERS {r['max_resident']}, disk cache {r['disk_loras'] or 'unlimited'} "
+                f"LoRAs, {r['size']} SDXL, {r['steps']} steps; {r['machine']}",
+                [("requests tried", r["requests_tried"]), ("answered", r["requests_answered"]),
+                 ("lost", r["requests_lost"]), ("5xx not injected", r["five_xx_not_injected"]),
+                 ("unexpected answers", sum(r["unexpected"].values())),
+                 ("requests/s", r["requests_per_s"]), ("good p50 / p95 ms", f"{r['good_p50_ms']:.0f} / {r['good_p95_ms']:.0f}"),
+                 ("RSS after warm-up MB", r["rss_after_warmup_mb"]), ("RSS after soak MB", r["rss_after_soak_mb"]),
+                 ("RSS peak MB", r["rss_peak_mb"]), ("RSS after / warm-up", f"{r['rss_ratio']:.3f}"),
+                 ("RSS during soak, 2nd half / 1st half", f"{r['rss_second_half_over_first']:.3f}"),
+                 ("adapter loads (inject + hotswap)", f"{r['adapter_loads']} ({r['adapters_injected']} + {r['adapters_hotswapped']})"),
+                 ("LoRAs evicted from the pipeline (adapters deleted)",
+                  f"{r['loras_evicted_from_pipeline']} ({r['adapters_deleted']})"),
+                 ("adapters = pipeline layers", "yes" if r["adapters_consistent"] else "NO")],
+                ("figure", "value"))
+    print_table("answers by request kind", [(k, n) for k, n in r["by_kind"].items()], ("kind -> status code", "count"))
+    if r["unexpected"]:
+        print("UNEXPECTED:", r["unexpected"])
+    if r["lost_examples"]:
+        print("LOST:", r["lost_examples"])
+    print("verdict:", "ok" if r["ok"] else "FAILED")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdxl-lora bench soak", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=120, help="seconds of load after warm-up")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--loras", type=int, default=20)
+    parser.add_argument("--max-resident", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--disk-loras", type=int, default=10, help="LoRAs the disk cache holds (0: no cap)")
+    parser.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    parser.add_argument("--warmup", type=float, help="seconds of full load before memory is first read "
+                                                     "(default: a quarter of --duration, 2 to 30 s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    a = parser.parse_args(argv)
+    result = run(a.duration, a.clients, a.loras, a.max_resident, a.steps, a.size, disk_loras=a.disk_loras,
+                 seed=a.seed, warmup_s=a.warmup, as_json=a.json)
+    if not result["ok"]:
+        sys.exit(1)
