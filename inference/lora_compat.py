@@ -77,9 +77,34 @@ def read_lora(pipe, path: Path) -> LoraWeights:
         state_dict, alphas, _ = pipe.lora_state_dict(raw, unet_config=pipe.unet.config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... on layouts it cannot convert
         raise _conversion_error(path, exc) from exc
+    state_dict, alphas = fold_alphas(state_dict, alphas)
     if state_dict and all(k.split(".", 1)[0] in UNET_BLOCKS for k in state_dict):
         state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
     return LoraWeights(state_dict, alphas, metadata)
+
+
+def fold_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None):
+    """Scale each module's up weight by its kohya alpha/rank and drop the alphas: the same W + BA.
+
+    diffusers turns kohya alphas into a LoraConfig whose per-module `alpha_pattern` keys match no
+    module (diffusers 0.42: "alpha_pattern keys did not match any targeted module and were ignored"),
+    so a file whose modules have different alphas (resized LoRAs, block-weighted merges) would get
+    the most common alpha everywhere. Folded, every module has alpha = rank, which diffusers gets
+    right. Left as they are when some alpha names no down/up pair.
+    """
+    if not alphas:
+        return state_dict, alphas
+    pairs = {}
+    for key, alpha in alphas.items():
+        down = key.removesuffix(".alpha")
+        up = down.removesuffix("down.weight") + "up.weight" if down.endswith("down.weight") else None
+        if down not in state_dict or up not in state_dict:
+            return state_dict, alphas
+        pairs[up] = float(alpha) / state_dict[down].shape[0]
+    folded = dict(state_dict)
+    for up, factor in pairs.items():
+        folded[up] = state_dict[up] * factor
+    return folded, None
 
 
 def check_lora_file(pipe, path: Path) -> LoraSummary:

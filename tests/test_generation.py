@@ -249,6 +249,64 @@ def test_hotswapped_lora_matches_hand_merged_weights_and_swaps_back_bit_identica
     assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
 
 
+def kohya_lora_with_mixed_alphas(engine, path, seed: int, keep_every: int = 1, text_encoders: bool = False):
+    """A rank-4 kohya file whose modules have alphas 1, 2, 4, 8 in turn (one module in `keep_every`),
+    as resized or block-weighted LoRAs have; returns (path, its layers)."""
+    from dataclasses import replace
+
+    from inference.synthetic import lora_state_dict, random_lora
+
+    layers = list(random_lora(engine.txt2img, rank=4, seed=seed, text_encoders=text_encoders).items())[::keep_every]
+    lora = {name: replace(layer, alpha=(1.0, 2.0, 4.0, 8.0)[i % 4]) for i, (name, layer) in enumerate(layers)}
+    tensors, metadata = lora_state_dict(lora, "kohya")
+    save_file(tensors, str(path), metadata=metadata)
+    return path, lora
+
+
+def reference_from_layers(model_dir, layers: dict, scale: float, seed=7) -> np.ndarray:
+    """Plain diffusers with W + scale * alpha/rank * up @ down merged by hand from the LoRA's own layers."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            component, module_path = name.split(".", 1)
+            factor = scale * layer.alpha / layer.down.shape[0]
+            getattr(pipe, component).get_submodule(module_path).weight += factor * (layer.up @ layer.down)
+    out = pipe(PROMPT, num_inference_steps=STEPS, width=64, height=64, guidance_scale=7.0,
+               generator=torch.Generator("cpu").manual_seed(seed))
+    return pixels(out.images[0])
+
+
+def test_a_kohya_lora_with_per_module_alphas_matches_hand_merged_weights(engine, store, tiny_model, tmp_path):
+    """diffusers alone would give every module the most common alpha (its alpha_pattern keys match
+    no module); read_lora folds each alpha/rank into the up weights instead."""
+    path, layers = kohya_lora_with_mixed_alphas(engine, tmp_path / "mixed.safetensors", seed=9, text_encoders=True)
+    assert max_diff(render(engine, store, [(path, 0.8)]), reference_from_layers(tiny_model, layers, 0.8)) <= 2
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("keep_every", [1, 3])
+def test_a_same_shaped_lora_is_copied_into_the_slot_and_matches_hand_merged_weights(tiny_model, store, make_lora,
+                                                                                    tmp_path, fuse, keep_every):
+    """The in-place hotswap (no PEFT call): per-module alphas, and modules the new LoRA leaves out
+    zeroed; A comes back bit-identical."""
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1, fuse_adapters=fuse)
+    a = make_lora(seed=5, rank=4)
+    b, layers = kohya_lora_with_mixed_alphas(engine, tmp_path / "b.safetensors", seed=6, keep_every=keep_every)
+    image_a = render(engine, store, [(a, 1.0)])
+    slot = engine.adapters.injected_names()
+    calls = []
+    real = engine.txt2img.load_lora_into_unet
+    engine.txt2img.load_lora_into_unet = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
+    image_b = render(engine, store, [(b, 0.7)])
+    assert engine.adapters.injected_names() == slot and calls == [], "copied into A's layers, no PEFT load"
+    assert max_diff(image_b, reference_from_layers(tiny_model, layers, 0.7)) <= 2
+    assert np.abs(image_b - image_a).mean() > 1
+    assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
+
+
 def test_text_encoder_loras_are_never_hotswapped(tiny_model, store, make_lora):
     engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1)
     render(engine, store, [(make_lora(seed=5), 1.0)])
