@@ -10,6 +10,7 @@ SQLite ledger.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import time
 from pathlib import Path
@@ -70,7 +71,11 @@ def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
     db = out_dir / "video.db"
     db.unlink(missing_ok=True)
     store = SqlStore(f"sqlite:///{db}")
-    store.put_lora("demo-character", status="completed", url=f"{files_url}/trained_model.tar", trigger="TOK")
+    # The sha256 pins the bytes: a LoRA id is cached as immutable, so a rebuilt bundle under the same
+    # id would otherwise be served from out/demo/lora-cache as it was first downloaded.
+    bundle_sha256 = hashlib.sha256((files / "trained_model.tar").read_bytes()).hexdigest()
+    store.put_lora("demo-character", status="completed", url=f"{files_url}/trained_model.tar", trigger="TOK",
+                   sha256=bundle_sha256)
     store.create_job("demo-job")
     clip = ClipPrompt("clip-1", "a person waves at the camera", [f"{files_url}/reference.png"],
                       [f"{files_url}/scene.png"])
