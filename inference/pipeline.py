@@ -83,6 +83,7 @@ class Engine:
 
         diffusers_logging.disable_progress_bar()
         transformers_logging.disable_progress_bar()
+        diffusers_logging.get_logger("diffusers.models.modeling_utils").addFilter(_drop_empty_fp32_warning)
         self.model_id = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -143,6 +144,12 @@ class Engine:
                 torch.cuda.empty_cache()
             raise ServiceError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory; try fewer or smaller images") from exc
         return out.images[0]
+
+
+def _drop_empty_fp32_warning(record: logging.LogRecord) -> bool:
+    """diffusers 0.42 warns "modules ... that should be kept in float32: []" on every `.to(dtype=...)`,
+    even when the list is empty (here, for the UNet and the VAE at each load): noise, dropped."""
+    return "kept in float32: []" not in record.getMessage()
 
 
 def _load_txt2img(pipeline_cls, model: str, dtype: torch.dtype):
