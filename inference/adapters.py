@@ -24,6 +24,7 @@ import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -51,6 +52,49 @@ class ResidentAdapter:
 def _can_hotswap(old: LoraSummary, new: LoraSummary) -> bool:
     """diffusers/PEFT hotswap only UNet layers, and only into modules the old adapter already has."""
     return not old.has_text_encoder_layers and not new.has_text_encoder_layers and new.modules <= old.modules
+
+
+@dataclass
+class _UnetLora:
+    """A UNet-only LoRA in PEFT keys, with the LoraConfig diffusers would build for it on load."""
+
+    state: dict[str, torch.Tensor]  # "{module path}.lora_A.weight" / ".lora_B.weight"
+    config: Any  # peft.LoraConfig
+    modules: set[str]
+
+    @classmethod
+    def parse(cls, weights: LoraWeights) -> _UnetLora | None:
+        """None for what only PEFT's own path handles: text-encoder layers, biases, DoRA."""
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from diffusers.utils.peft_utils import _create_lora_config
+
+        prefix = "unet."
+        state = {k.removeprefix(prefix): v for k, v in weights.state_dict.items() if k.startswith(prefix)}
+        if not state or len(state) != len(weights.state_dict):
+            return None
+        if "lora_A" not in next(iter(state)):
+            state = convert_unet_state_dict_to_peft(state)
+        if not all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in state):
+            return None
+        ranks = {f"^{key}": value.shape[1] for key, value in state.items() if ".lora_B." in key}
+        alphas = {k.removeprefix(prefix): v for k, v in (weights.network_alphas or {}).items() if k.startswith(prefix)}
+        metadata = {k.removeprefix(prefix): v for k, v in weights.metadata.items()
+                    if k.startswith(prefix)} if weights.metadata else None
+        config = _create_lora_config(state, alphas or None, metadata or None, ranks)
+        return cls(state, config, {key.rsplit(".lora_", 1)[0] for key in state})
+
+    def rank_alpha(self, path: str) -> tuple[int, float]:
+        """Resolved as PEFT resolves them when it injects a layer (by module path)."""
+        from peft.utils.other import get_pattern_key
+
+        config = self.config
+        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
+        return rank, alpha
+
+    def scaling(self, path: str) -> float:
+        rank, alpha = self.rank_alpha(path)
+        return alpha / rank**0.5 if self.config.use_rslora else alpha / rank
 
 
 class AdapterCache:
@@ -141,28 +185,32 @@ class AdapterCache:
             return hit.name, "resident"
         weights = read_lora(self.pipe, lora.path)  # FileNotFoundError: evicted by another worker
         summary = check_lora_weights(self.pipe, weights.state_dict)
+        tokens = None
         if len(self._resident) >= self.max_resident:
             victim_key = next(k for k in self._resident if k not in keep)
             victim = self._resident[victim_key]
             if self.hotswap and _can_hotswap(victim.summary, summary):
                 tokens = self._load_tokens(lora)  # first: a bad bundle leaves the victim untouched
-                del self._resident[victim_key]
-                self._unload_tokens(victim.tokens)
                 try:
-                    self._hotswap(victim.name, lora, weights)
+                    swapped = self._hotswap(victim.name, lora, weights)
                 except Exception:
-                    self._unload_tokens(tokens)  # the victim's layers are purged by the failed swap
+                    self._unload_tokens(tokens)
+                    self._evict(victim_key)  # whatever the failed swap left of its layers
                     raise
-                # the layers keep the old adapter's full set of modules (unused ones zeroed)
-                slot = replace(summary, modules=victim.summary.modules)
-                self._resident[lora.sha256] = ResidentAdapter(name=victim.name, lora=lora, summary=slot, uses=1,
-                                                              tokens=tokens)
-                return victim.name, lora.source
+                if swapped:
+                    del self._resident[victim_key]
+                    self._unload_tokens(victim.tokens)
+                    # the layers keep the old adapter's full set of modules (unused ones zeroed)
+                    slot = replace(summary, modules=victim.summary.modules)
+                    self._resident[lora.sha256] = ResidentAdapter(name=victim.name, lora=lora, summary=slot, uses=1,
+                                                                  tokens=tokens)
+                    return victim.name, lora.source
             self._evict(victim_key)
         # Never reuse a name: after a hotswap, an adapter named after one LoRA holds another.
         self._injections += 1
         name = f"lora{self._injections}_{lora.sha256[:12]}"  # ModuleDict keys: no dots
-        tokens = self._load_tokens(lora)
+        if tokens is None:
+            tokens = self._load_tokens(lora)
         try:
             self._inject(name, lora, weights)
         except Exception:
@@ -237,77 +285,68 @@ class AdapterCache:
             if present:
                 pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
 
-    def _hotswap(self, name: str, lora: LoraFile, weights: LoraWeights) -> None:
+    def _hotswap(self, name: str, lora: LoraFile, weights: LoraWeights) -> bool:
         """Put `lora`'s weights into the existing adapter `name` instead of injecting a new one.
 
         Same-shaped LoRAs (the usual case: one trainer, one rank) are copied straight into the
-        cached layers; anything else goes through diffusers' `hotswap=True`, which also handles
-        other ranks but walks the model twice (`state_dict()`, `modules()`): about 0.7 s of the
-        1.3-2 s it took on the full-size SDXL on CPU.
+        cached layers; other ranks go through diffusers' `hotswap=True`, which walks the model
+        twice (`state_dict()`, `modules()`: about 0.7 s of the 1.3-2 s it took on the full-size
+        SDXL on CPU). Returns False, having changed nothing, when PEFT would refuse the swap (its
+        configs must agree on alpha_pattern, dropout, rsLoRA, DoRA): the caller injects instead.
         """
-        if self._copy_into_slot(name, weights):
+        from peft.utils.hotswap import check_hotswap_configs_compatible
+
+        unet_lora = _UnetLora.parse(weights)
+        if unet_lora is None:
+            return False
+        if self._copy_into_slot(name, unet_lora):
             log.info("adapter %s hot-swapped for %s (copied in place)", name, lora.lora_id)
-            return
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+            return True
+        try:
+            check_hotswap_configs_compatible(self.pipe.unet.peft_config[name], unet_lora.config)
+        except ValueError as exc:
+            log.info("not hot-swapping %s into %s: %s", lora.lora_id, name, str(exc)[:200])
+            return False
         self._inject(name, lora, weights, hotswap=True)
-        # PEFT's hotswap sets each layer's `scaling` for the new adapter but leaves `lora_alpha` and
-        # `r` at the old adapter's values, and `set_scale` (run on every activation) recomputes
-        # scaling from those: so alpha is rewritten to keep `set_scale(s) == s * new scaling`.
-        for module in self.pipe.unet.modules():
-            if isinstance(module, BaseTunerLayer) and name in getattr(module, "scaling", {}):
-                module.lora_alpha[name] = module.scaling[name] * module.r[name]
+        # PEFT's hotswap leaves `r` and `lora_alpha` at the old adapter's values and sets `scaling`
+        # from the config's default r/alpha (its rank/alpha patterns are matched against parameter
+        # keys, where they never match). `set_scale`, run on every activation, recomputes scaling
+        # from `lora_alpha` and `r`: so alpha is rewritten to give each module its own alpha/rank.
+        for path, layer in self._named_unet_layers():
+            if name in layer.scaling and path in unet_lora.modules:
+                scaling = unet_lora.scaling(path)
+                layer.lora_alpha[name] = scaling * (layer.r[name] ** 0.5 if layer.use_rslora[name] else layer.r[name])
+                layer.scaling[name] = scaling
+        return True
 
-    def _copy_into_slot(self, name: str, weights: LoraWeights) -> bool:
+    def _copy_into_slot(self, name: str, unet_lora: _UnetLora) -> bool:
         """Copy a UNet LoRA whose every tensor has the shape of adapter `name`'s into its layers.
 
-        Each module's rank and alpha come from the LoraConfig diffusers would build for the file
-        (`rank_pattern`/`alpha_pattern` resolved as PEFT does when it injects). Returns False,
-        having changed nothing, when the LoRA does not fit that way. Layers the new LoRA leaves
-        out get zero weights, as PEFT's hotswap does.
+        Returns False, having changed nothing, when the LoRA does not fit that way. Layers the new
+        LoRA leaves out get zero weights, as PEFT's hotswap does.
         """
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from diffusers.utils.peft_utils import _create_lora_config
-        from peft.utils.other import get_pattern_key
-
-        prefix = "unet."
-        state = {k.removeprefix(prefix): v for k, v in weights.state_dict.items() if k.startswith(prefix)}
-        if not state or len(state) != len(weights.state_dict):
-            return False
-        if "lora_A" not in next(iter(state)):
-            state = convert_unet_state_dict_to_peft(state)
-        if not all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in state):
-            return False  # biases, DoRA magnitudes: PEFT's path
-        ranks = {f"^{key}": value.shape[1] for key, value in state.items() if ".lora_B." in key}
-        alphas = {k.removeprefix(prefix): v for k, v in (weights.network_alphas or {}).items() if k.startswith(prefix)}
-        metadata = {k.removeprefix(prefix): v for k, v in weights.metadata.items()
-                    if k.startswith(prefix)} if weights.metadata else None
-        config = _create_lora_config(state, alphas or None, metadata or None, ranks)
-
         slot = {path: layer for path, layer in self._named_unet_layers() if name in layer.lora_A}
         plan = []
-        for path in {key.rsplit(".lora_", 1)[0] for key in state}:
+        for path in unet_lora.modules:
             layer = slot.get(path)
-            down, up = state.get(f"{path}.lora_A.weight"), state.get(f"{path}.lora_B.weight")
-            if (layer is None or down is None or up is None or layer.use_rslora[name] != config.use_rslora
+            down, up = unet_lora.state.get(f"{path}.lora_A.weight"), unet_lora.state.get(f"{path}.lora_B.weight")
+            if (layer is None or down is None or up is None or layer.use_rslora[name] != unet_lora.config.use_rslora
                     or down.shape != layer.lora_A[name].weight.shape or up.shape != layer.lora_B[name].weight.shape):
                 return False
-            rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
-            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
-            plan.append((layer, down, up, rank, alpha))
+            plan.append((path, layer, down, up))
         self._unfuse()  # nothing can fail from here on
         self._active_state = None
-        covered = {id(layer) for layer, *_ in plan}
+        covered = {id(layer) for _, layer, _, _ in plan}
         with torch.no_grad():
             for layer in slot.values():
                 if id(layer) not in covered:
                     layer.lora_A[name].weight.zero_()
                     layer.lora_B[name].weight.zero_()
-            for layer, down, up, rank, alpha in plan:
+            for path, layer, down, up in plan:
                 layer.lora_A[name].weight.copy_(down)
                 layer.lora_B[name].weight.copy_(up)
-                layer.r[name], layer.lora_alpha[name] = rank, alpha
-                layer.scaling[name] = alpha / rank**0.5 if config.use_rslora else alpha / rank
+                layer.r[name], layer.lora_alpha[name] = unet_lora.rank_alpha(path)
+                layer.scaling[name] = unet_lora.scaling(path)
         return True
 
     def _evict(self, key: str) -> None:

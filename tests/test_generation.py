@@ -307,6 +307,44 @@ def test_a_same_shaped_lora_is_copied_into_the_slot_and_matches_hand_merged_weig
     assert np.array_equal(render(engine, store, [(a, 1.0)]), image_a)
 
 
+@pytest.mark.parametrize("pattern", ["rank_pattern", "alpha_pattern"])
+def test_a_lora_of_other_ranks_into_a_full_cache_keeps_each_modules_scaling(tiny_model, store, make_lora, tmp_path,
+                                                                            pattern):
+    """Ranks 8 and 2 into a rank-4 slot: not a copy, so PEFT's hotswap, which would give every module
+    the config's default alpha/rank. rank_pattern (alpha 8 everywhere): swapped, each module scaled
+    by its own 8/rank. alpha_pattern (alphas 4 and 16): PEFT refuses to swap differing alpha
+    patterns, so the slot is evicted and the LoRA injected instead of the request failing."""
+    from dataclasses import replace
+
+    from inference.synthetic import lora_state_dict, random_lora
+
+    engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1)
+    layers = {}
+    for i, (name, layer) in enumerate(random_lora(engine.txt2img, rank=8, seed=11).items()):
+        if pattern == "rank_pattern":
+            rank = (8, 2)[i % 2]
+            layers[name] = replace(layer, down=layer.down[:rank].contiguous(), up=layer.up[:, :rank].contiguous(),
+                                   alpha=8.0)
+        else:
+            layers[name] = replace(layer, alpha=(4.0, 16.0)[i % 2])
+    tensors, header = lora_state_dict(layers, "diffusers")
+    metadata = json.loads(header["lora_adapter_metadata"])
+    metadata["unet.r"], metadata["unet.lora_alpha"] = 8, (8.0 if pattern == "rank_pattern" else 4.0)
+    key = "down" if pattern == "rank_pattern" else "alpha"
+    metadata[f"unet.{pattern}"] = {
+        name.removeprefix("unet."): (layer.down.shape[0] if key == "down" else layer.alpha)
+        for name, layer in layers.items()
+        if (layer.down.shape[0] != 8 if key == "down" else layer.alpha != 4.0)}
+    b = tmp_path / "b.safetensors"
+    save_file(tensors, str(b), metadata={**header, "lora_adapter_metadata": json.dumps(metadata)})
+    render(engine, store, [(make_lora(seed=5, rank=4), 1.0)])
+    slot = engine.adapters.injected_names()
+    image_b = render(engine, store, [(b, 0.7)])
+    assert (engine.adapters.injected_names() == slot) == (pattern == "rank_pattern")
+    assert len(engine.adapters.injected_names()) == 1
+    assert max_diff(image_b, reference_from_layers(tiny_model, layers, 0.7)) <= 2
+
+
 def test_text_encoder_loras_are_never_hotswapped(tiny_model, store, make_lora):
     engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=1)
     render(engine, store, [(make_lora(seed=5), 1.0)])
