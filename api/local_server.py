@@ -3,8 +3,10 @@ app (any ASGI app) under uvicorn, and a plain static file server."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 
 class LocalServer:
@@ -45,18 +47,22 @@ def wait_until_ready(base: str, timeout_s: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+class QuietFileHandler(SimpleHTTPRequestHandler):
+    """A static file handler without request logs; subclass it to misbehave on purpose (bench/soak.py)."""
+
+    def log_message(self, *args):
+        pass
+
+
 class LocalFileServer:
-    """`with LocalFileServer(directory) as base_url:` serves the directory's files over HTTP."""
+    """`with LocalFileServer(directory) as base_url:` serves the directory's files over HTTP.
 
-    def __init__(self, directory):
-        import functools
-        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    `handler`: a QuietFileHandler subclass, for a server that misbehaves on purpose.
+    """
 
-        class Quiet(SimpleHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    def __init__(self, directory, handler: type[QuietFileHandler] = QuietFileHandler):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(directory)))
+        self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> str:

@@ -110,63 +110,36 @@ class OomOnMark:
         return getattr(self._pipe, name)
 
 
-class FaultyFileServer:
-    """Static files under /files/, plus /fault/500/NAME (HTTP 500) and /fault/stall/NAME (headers,
-    then silence for `stall_s`)."""
+def faulty_file_handler(stall_s: float):
+    """Files at /NAME, plus /fault/500/NAME (HTTP 500) and /fault/stall/NAME (headers, then silence
+    for `stall_s`): a handler for api.local_server.LocalFileServer."""
+    from api.local_server import QuietFileHandler
 
-    def __init__(self, root: Path, stall_s: float):
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    class Faulty(QuietFileHandler):
+        protocol_version = "HTTP/1.1"
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+        def handle(self):
+            try:
+                super().handle()
+            except ConnectionError:  # the service gave up on a stalled download: expected
+                self.close_connection = True
 
-            def log_message(self, *args):
-                pass
-
-            def handle(self):
-                try:
-                    super().handle()
-                except ConnectionError:  # the service gave up on a stalled download: expected
-                    self.close_connection = True
-
-            def do_GET(self):
-                parts = self.path.strip("/").split("/")
-                try:
-                    if parts[:2] == ["fault", "500"]:
-                        return self._send(500, b"injected failure")
-                    if parts[:2] == ["fault", "stall"]:
-                        self.send_response(200)
-                        self.send_header("Content-Length", "1000000")
-                        self.end_headers()
-                        self.wfile.flush()
-                        time.sleep(stall_s)
-                        self.close_connection = True
-                        return
-                    file = root / "/".join(parts[1:]) if parts[:1] == ["files"] else None
-                    if file is None or not file.is_file() or file.parent != root:
-                        return self._send(404, b"not found")
-                    self._send(200, file.read_bytes())
-                except (BrokenPipeError, ConnectionResetError):
-                    self.close_connection = True
-
-            def _send(self, status: int, body: bytes):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
+        def do_GET(self):
+            if self.path.startswith("/fault/500/"):
+                self.send_response(500)
+                self.send_header("Content-Length", "0")
                 self.end_headers()
-                self.wfile.write(body)
+            elif self.path.startswith("/fault/stall/"):
+                self.send_response(200)
+                self.send_header("Content-Length", "1000000")
+                self.end_headers()
+                self.wfile.flush()
+                time.sleep(stall_s)
+                self.close_connection = True
+            else:
+                super().do_GET()
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> FaultyFileServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return Faulty
 
 
 def write_bad_files(root: Path) -> None:
@@ -196,7 +169,7 @@ class Plan:
     def body(self, kind: str, rng: random.Random) -> dict:
         body = {"prompt": PROMPT, "num_inference_steps": self.steps, "width": self.resolution,
                 "height": self.resolution, "seed": rng.randrange(1 << 30)}
-        lora = lambda name, lora_id=None: {"id": lora_id or name, "url": f"{self.files}/files/{name}"}  # noqa: E731
+        lora = lambda name, lora_id=None: {"id": lora_id or name, "url": f"{self.files}/{name}"}  # noqa: E731
         if kind == "good":
             body["loras"] = [lora(rng.choice(self.names))]
         elif kind == "good2":
@@ -295,7 +268,7 @@ def run(duration: float = 120, clients: int = 8, loras: int = 20, max_resident: 
     import httpx
 
     from api.app import create_app
-    from api.local_server import LocalServer
+    from api.local_server import LocalFileServer, LocalServer
     from inference.service import InferenceService
     from inference.settings import Settings
 
@@ -324,15 +297,15 @@ def run(duration: float = 120, clients: int = 8, loras: int = 20, max_resident: 
     adapters = engine.adapters
 
     tally = Tally()
-    with FaultyFileServer(files_dir, stall_s=3.0) as files, \
+    with LocalFileServer(files_dir, handler=faulty_file_handler(stall_s=3.0)) as files, \
             LocalServer(create_app(settings, service=service), wait_ready=True) as base:
-        plan = Plan(files.base, names, steps, resolution)
+        plan = Plan(files, names, steps, resolution)
         # Warm-up: every LoRA once and every kind of request once, one at a time; then the full
         # load for a while, so that caches, worker threads and their allocator arenas are at their
         # working size before memory is first read.
         rng = random.Random(seed)
         with httpx.Client(base_url=base, timeout=120) as http:
-            warm = [("good", {**plan.body("good", rng), "loras": [{"id": n, "url": f"{files.base}/files/{n}"}]})
+            warm = [("good", {**plan.body("good", rng), "loras": [{"id": n, "url": f"{files}/{n}"}]})
                     for n in names] + [(k, plan.body(k, rng)) for k in KINDS]
             for kind, body in warm:
                 http.post("/v1/generate", json=body)

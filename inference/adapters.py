@@ -110,7 +110,6 @@ class AdapterCache:
         # change the active set behind our back (delete_adapters activates a remaining adapter).
         self._active_state: tuple | None = None
         self._layers: list | None = None  # the pipeline's PEFT LoRA layers; rebuilt after any injection/deletion
-        self._unet_layers: list | None = None  # the same for the UNet, with their module paths
         self.fuse = fuse
         self._saved_weights: dict = {}  # merged layer -> its base weight before merging
 
@@ -382,7 +381,6 @@ class AdapterCache:
         self._unfuse()
         self._active_state = None
         self._layers = None
-        self._unet_layers = None
 
     def _fuse(self, names: list[str]) -> None:
         for layer in self._lora_layers():
@@ -426,21 +424,21 @@ class AdapterCache:
             self._fuse(names)
         self._active_state = state
 
-    def _named_unet_layers(self):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        if self._unet_layers is None:
-            self._unet_layers = [(path, m) for path, m in self.pipe.unet.named_modules() if isinstance(m, BaseTunerLayer)]
-        return self._unet_layers
-
-    def _lora_layers(self) -> list:
+    def _named_layers(self) -> list[tuple[str, str, object]]:
+        """(component, module path, layer) for every PEFT LoRA layer; cached until the layers change."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         if self._layers is None:
-            models = [getattr(self.pipe, c, None) for c in LORA_COMPONENTS]
-            self._layers = [m for model in models if model is not None for m in model.modules()
-                            if isinstance(m, BaseTunerLayer)]
+            models = [(c, getattr(self.pipe, c, None)) for c in LORA_COMPONENTS]
+            self._layers = [(c, path, m) for c, model in models if model is not None
+                            for path, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
         return self._layers
+
+    def _lora_layers(self) -> list:
+        return [layer for _, _, layer in self._named_layers()]
+
+    def _named_unet_layers(self) -> list[tuple[str, object]]:
+        return [(path, layer) for component, path, layer in self._named_layers() if component == "unet"]
 
 
 @contextmanager

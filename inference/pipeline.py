@@ -76,7 +76,7 @@ class Engine:
     """One pipeline on one device; `generate` is safe to call from many threads (it queues)."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_resident_adapters: int = 8,
-                 fuse_adapters: str | bool = "auto"):
+                 fuse_adapters: str | bool = "auto"):  # auto | on | off (SDXL_LORA_FUSE_ADAPTERS), or a bool
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
         from diffusers.utils import logging as diffusers_logging
         from transformers.utils import logging as transformers_logging
@@ -94,7 +94,7 @@ class Engine:
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.txt2img, dtype=self.dtype)
         self.img2img.set_progress_bar_config(disable=True)
         # auto: fused on CUDA, where unfused LoRA layers cost most; on CPU a switch would pay the merge
-        fuse = self.device.type == "cuda" if fuse_adapters == "auto" else bool(fuse_adapters)
+        fuse = self.device.type == "cuda" if fuse_adapters == "auto" else fuse_adapters in (True, "on")
         self.adapters = AdapterCache(self.txt2img, max_resident_adapters, fuse=fuse)
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started

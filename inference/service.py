@@ -63,7 +63,7 @@ class InferenceService:
             s = self.settings
             self.engine = Engine(resolve_model(s.model), device=s.device, dtype=s.dtype,
                                  max_resident_adapters=s.max_resident_adapters,
-                                 fuse_adapters={"on": True, "off": False}.get(s.fuse_adapters, "auto"))
+                                 fuse_adapters=s.fuse_adapters)
         if self.settings.identity_model and self.scorer is None:
             from inference.identity import IdentityScorer
 
