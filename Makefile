@@ -9,10 +9,10 @@ OUT    ?= out/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e ./client -e '.[all]'
 	touch $(STAMP)
 
 demo: setup

@@ -33,7 +33,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import Metrics
-from api.schema import ErrorResponse, GenerateRequest, GenerateResponse
+from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
 from inference.errors import HTTP_STATUS, ErrorCode, ServiceError
 from inference.settings import Settings
 

@@ -63,7 +63,7 @@ def run_demo(out_dir: Path) -> Path:
 def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
     from PIL import Image
 
-    from client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
+    from sdxl_lora_client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
     from inference.images import contact_sheet
 
     print(f"[2/4] service up at {base} (LoRAs and reference served from {files_url})")

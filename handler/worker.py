@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from api.schema import GenerateRequest
+from sdxl_lora_client.contract import GenerateRequest
 from inference.errors import ErrorCode, ServiceError
 
 log = logging.getLogger("sdxl_lora.handler")
@@ -49,3 +49,4 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
             return error_output(ErrorCode.INTERNAL, f"internal error ({type(exc).__name__})")
 
     return handler
+# code change

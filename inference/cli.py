@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="benchmarks against the per-request-reload baseline (see bench/)",
                             add_help=False)
-    p.add_argument("which", choices=["adapters", "replay", "overhead", "soak", "gpu"])
+    p.add_argument("which", choices=["adapters", "replay", "overhead", "soak", "gpu", "clips"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
     p.set_defaults(func=cmd_bench)
 
@@ -198,7 +198,7 @@ def cmd_bench(args) -> None:
 def cmd_compat(args) -> int:
     import os
 
-    from client.compat import load_matrix
+    from sdxl_lora_client.compat import load_matrix
 
     matrix = load_matrix(args.file)
     print(f"{'model':18} {'replicate model':32} {'image field':18} {'LoRA field':26} direct  checked")
@@ -207,7 +207,7 @@ def cmd_compat(args) -> int:
               f"{'yes' if entry.direct_lora_supported else 'no':7} {entry.checked}")
     if not args.probe:
         return 0
-    from client.replicate import ReplicateClient, ReplicateError, lora_like_inputs
+    from sdxl_lora_client.replicate import ReplicateClient, ReplicateError, lora_like_inputs
 
     token = args.token or os.environ.get("REPLICATE_API_TOKEN")
     if not token:

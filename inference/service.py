@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-from api.schema import GenerateRequest, GenerateResponse, ImageOut, LoraOut, ModelOut, Timings
+from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, ImageOut, LoraOut, ModelOut, Timings
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client
 from inference.images import MIME, decode_image, encode_image

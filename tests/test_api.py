@@ -81,6 +81,9 @@ def test_a_b_a_over_http_is_bit_identical_and_reports_resident(service_url, lora
 BAD_INPUTS = {
     "width_63": (lambda s: request(s, width=63), 422, "invalid_request"),
     "steps_0": (lambda s: request(s, num_inference_steps=0), 422, "invalid_request"),
+    # int(1 * 0.6) = 0 img2img steps: diffusers crashed on it (a 500) before the schema refused it
+    "img2img_zero_steps": (lambda s: request(s, image=s.url("ref.png"), num_inference_steps=1, strength=0.6), 422,
+                           "invalid_request"),
     "missing_prompt": (lambda s: {k: v for k, v in request(s).items() if k != "prompt"}, 422, "invalid_request"),
     "lora_404": (lambda s: request(s, loras=[{"id": "nope", "url": s.url("missing.safetensors")}]), 424, "lora_download_failed"),
     "lora_garbage": (lambda s: request(s, loras=[{"id": "g", "url": s.url("garbage.safetensors")}]), 422, "lora_invalid"),
@@ -225,7 +228,7 @@ def test_url_delivery_uploads_to_s3_and_s3_down_is_upload_failed(tmp_path, tiny_
 
 def test_a_lora_evicted_by_another_worker_before_loading_is_fetched_again(tmp_path, tiny_model, lora_server):
     """A worker sharing the cache deletes the file right after our fetch: one refetch, then success."""
-    from api.schema import GenerateRequest
+    from sdxl_lora_client.contract import GenerateRequest
 
     settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache", allow_private_urls=True)
     service = InferenceService(settings)
@@ -249,7 +252,7 @@ def test_a_lora_evicted_by_another_worker_before_loading_is_fetched_again(tmp_pa
 
 
 def test_img2img_images_carry_an_identity_score_when_configured(tmp_path, tiny_model, lora_server):
-    from api.schema import GenerateRequest
+    from sdxl_lora_client.contract import GenerateRequest
     from inference.identity import IdentityScorer, write_tiny_clip
 
     clip = write_tiny_clip(tmp_path / "clip")

@@ -45,3 +45,12 @@ def test_soak_bench_answers_everything_and_reports_memory():
     assert result["requests_answered"] == result["requests_tried"]
     assert result["five_xx_not_injected"] == 0 and result["unexpected"] == {}
     assert result["adapters_consistent"] and result["rss_after_soak_mb"] > 0 and result["rss_ratio"] > 0
+
+
+def test_clips_bench_reports_concurrency_ratios():
+    from bench.clips import run
+
+    result = run(clips=3, latency_s=0.05, repeats=1, real=True, steps=2, as_json=True)
+    assert result["fake_peak_in_flight"] == 3
+    for key in ("fake_sync_ratio", "fake_async_ratio", "real_sync_ratio", "real_async_ratio"):
+        assert result[key] > 0

@@ -14,8 +14,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from api.schema import GenerateRequest, GenerateResponse
-from client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
+from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
+from sdxl_lora_client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
 
 REF1, REF2, SCENE = "https://cdn.example/face.png", "https://cdn.example/face2.png", "https://cdn.example/scene.png"
 
@@ -36,15 +36,16 @@ def response_json(score: float | None) -> dict:
 
 
 class ScriptedBackend:
-    """Answers each clip's request with the next identity score of `scores` (None = not computed)."""
+    """Answers clip i's request (told apart by its reference image) with identity score `scores[i]`
+    (None = not computed); clips run side by side, so arrival order is not clip order."""
 
     def __init__(self, *scores: float | None):
-        self.scores = list(scores)
+        self.scores = dict(zip((clip.character_reference_urls[0] for clip in clips()), scores, strict=True))
         self.requests: list[GenerateRequest] = []
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         self.requests.append(request)
-        return GenerateResponse.model_validate(response_json(self.scores.pop(0)))
+        return GenerateResponse.model_validate(response_json(self.scores[request.image]))
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_a_score_below_the_minimum_keeps_the_original_reference_and_says_so(stor
     [warning] = result.warnings
     assert "c1" in warning and "0.4100" in warning and "0.6" in warning and "original reference kept" in warning
     rows = store.job_costs("job")
-    assert [(r["clip_id"], r["details"]["identity_score"], r["details"]["accepted"]) for r in rows] == [
+    assert sorted((r["clip_id"], r["details"]["identity_score"], r["details"]["accepted"]) for r in rows) == [
         ("c1", 0.41, False), ("c2", 0.93, True)], "the rejected render was still paid for"
     assert store.total_cost("job") == pytest.approx(0.01)
 
@@ -95,7 +96,7 @@ def test_without_a_minimum_a_low_score_is_only_recorded(store):
     result = apply(store, ScriptedBackend(0.05, None), minimum=None)
     assert result.path == "preprocessed" and result.warnings == []
     assert all(c.character_reference_urls[0].startswith("data:") for c in result.clips)
-    assert [r["details"]["identity_score"] for r in store.job_costs("job")] == [0.05, None]
+    assert {r["clip_id"]: r["details"]["identity_score"] for r in store.job_costs("job")} == {"c1": 0.05, "c2": None}
 
 
 def test_no_score_from_the_service_proceeds_with_one_warning_per_job(store):

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.schema import GenerateRequest
+from sdxl_lora_client.contract import GenerateRequest
 from handler.worker import make_handler
 from inference.service import InferenceService
 from inference.settings import Settings

@@ -138,7 +138,7 @@ def rule_beyond_the_schema(body) -> list[str]:
     is refused as invalid_request, saying why. Returns what the message must say, in the order the
     service checks: pydantic's field validators (all reported together), its model validator, then
     the service's own configuration."""
-    from api.schema import MAX_SEED
+    from sdxl_lora_client.contract import MAX_SEED
 
     if not isinstance(body, dict):
         return []

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.schema import GenerateResponse, ImageOut
+from sdxl_lora_client.contract import GenerateResponse, ImageOut
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -3,6 +3,10 @@
 SQLAlchemy Core over any URL (SQLite by default). A charge inserts its `job_costs` row and raises
 the job's `total_cost` in one transaction, and is idempotent per (job, clip, stage, api_name), so
 a replayed job never pays twice.
+
+Safe under concurrency on any database, not just behind SQLite's write lock: creates are single
+`INSERT ... ON CONFLICT` statements (PostgreSQL, SQLite), so workers racing on one id never see a
+unique violation, and each charge locks its job's row first.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from decimal import Decimal
 
 from sqlalchemy import (
     JSON, Column, DateTime, ForeignKey, Integer, MetaData, Numeric, String, Table, UniqueConstraint, create_engine,
-    event, insert, select, update,
+    event, insert, make_url, select, update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
 metadata = MetaData()
@@ -52,6 +58,7 @@ job_costs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     UniqueConstraint("job_id", "clip_id", "stage", "api_name", name="uq_job_costs_charge"),
 )
+_CHARGE_KEY = ("job_id", "clip_id", "stage", "api_name")
 
 
 @dataclass(frozen=True)
@@ -70,11 +77,12 @@ def _now() -> datetime:
 
 class SqlStore:
     def __init__(self, url: str = "sqlite:///video.db"):
-        is_sqlite = url.startswith("sqlite")
+        is_sqlite = make_url(url).get_backend_name() == "sqlite"
         self.engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {})
         if is_sqlite:
             _sqlite_begin_immediate(self.engine)
-        # SQLite serializes writers anyway; one lock per store avoids "database is locked" churn.
+        # SQLite serializes writers anyway: this store's threads queue on a lock rather than poll
+        # SQLite's busy timeout. Other databases take row locks and need no such thing.
         self._write_lock = threading.Lock() if is_sqlite else None
         metadata.create_all(self.engine)
 
@@ -82,11 +90,11 @@ class SqlStore:
 
     def put_lora(self, lora_id: str, status: str, url: str | None = None, trigger: str | None = None,
                  sha256: str | None = None, direct_weights: dict[str, str] | None = None) -> None:
+        """Create or replace the record (every field): concurrent writers never fail, the last one wins."""
         values = dict(status=status, url=url, trigger=trigger, sha256=sha256,
                       direct_weights=direct_weights or {}, updated_at=_now())
         with self._writing(), self.engine.begin() as conn:
-            if conn.execute(update(lora_models).where(lora_models.c.id == lora_id).values(**values)).rowcount == 0:
-                conn.execute(insert(lora_models).values(id=lora_id, **values))
+            _upsert(conn, lora_models, dict(id=lora_id, **values), ("id",), set_=values)
 
     def get_lora(self, lora_id: str) -> LoraRecord | None:
         with self.engine.connect() as conn:
@@ -99,25 +107,28 @@ class SqlStore:
     # -- jobs and costs ------------------------------------------------------------------------
 
     def create_job(self, job_id: str) -> None:
+        """Create the job unless it exists (a replay, or another worker at the same moment)."""
         with self._writing(), self.engine.begin() as conn:
-            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id)).first() is None:
-                conn.execute(insert(jobs).values(id=job_id, total_cost=0, created_at=_now()))
+            _upsert(conn, jobs, dict(id=job_id, total_cost=0, created_at=_now()), ("id",))
 
     def charge(self, job_id: str, clip_id: str, stage: str, api_name: str, cost: float | Decimal,
                details: dict | None = None) -> bool:
-        """Record one charge; False (and nothing written) when this charge was already recorded."""
+        """Record one charge and raise the job's total_cost by it, in one transaction.
+
+        False (and nothing written) when this (job, clip, stage, api_name) was already charged;
+        KeyError (and nothing written) when the job does not exist.
+        """
         amount = Decimal(str(cost)).quantize(Decimal("0.000001"))
-        try:
-            with self._writing(), self.engine.begin() as conn:
-                conn.execute(insert(job_costs).values(
-                    job_id=job_id, clip_id=clip_id or "", stage=stage, api_name=api_name, cost=amount,
-                    details=json.loads(json.dumps(details or {}, default=str)), created_at=_now()))
-                raised = conn.execute(update(jobs).where(jobs.c.id == job_id)
-                                      .values(total_cost=jobs.c.total_cost + amount)).rowcount
-                if raised != 1:
-                    raise KeyError(f"no job {job_id!r}: create_job first")
-        except IntegrityError:
-            return False
+        row = dict(job_id=job_id, clip_id=clip_id or "", stage=stage, api_name=api_name, cost=amount,
+                   details=json.loads(json.dumps(details or {}, default=str)), created_at=_now())
+        with self._writing(), self.engine.begin() as conn:
+            # The job's row, locked (FOR UPDATE; SQLite holds its write lock already): a job's charges
+            # queue here, and a missing job is told from a repeated charge without parsing errors.
+            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update()).first() is None:
+                raise KeyError(f"no job {job_id!r}: create_job first")
+            if not _upsert(conn, job_costs, row, _CHARGE_KEY):
+                return False
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(total_cost=jobs.c.total_cost + amount))
         return True
 
     def job_costs(self, job_id: str) -> list[dict]:
@@ -136,6 +147,39 @@ class SqlStore:
 
     def _writing(self):
         return self._write_lock if self._write_lock is not None else nullcontext()
+
+
+# Dialects with INSERT ... ON CONFLICT; SQLAlchemy gives both the same API.
+_ON_CONFLICT_INSERT = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+
+def _upsert(conn: Connection, table: Table, row: dict, key: tuple[str, ...],
+            set_: dict | None = None) -> bool:
+    """INSERT `row`; where a row with the same `key` exists, UPDATE it with `set_`, or leave it be.
+
+    True when a row was written. One atomic statement where the database has ON CONFLICT; elsewhere
+    the insert runs in a savepoint and a unique violation counts only if the key's row is there.
+    """
+    on_conflict_insert = _ON_CONFLICT_INSERT.get(conn.dialect.name)
+    if on_conflict_insert is not None:
+        statement = on_conflict_insert(table).values(**row)
+        statement = (statement.on_conflict_do_update(index_elements=key, set_=set_) if set_
+                     else statement.on_conflict_do_nothing(index_elements=key))
+        if conn.dialect.insert_returning:  # a row back says it was written; rowcount is -1 on psycopg
+            return conn.execute(statement.returning(*(table.c[k] for k in key))).first() is not None
+        return conn.execute(statement).rowcount == 1  # SQLite before 3.35
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**row))
+        return True
+    except IntegrityError:
+        same_key = [table.c[k] == row[k] for k in key]
+        if conn.execute(select(*(table.c[k] for k in key)).where(*same_key)).first() is None:
+            raise  # another constraint failed, not ours
+    if set_:
+        conn.execute(update(table).where(*same_key).values(**set_))
+        return True
+    return False
 
 
 def _sqlite_begin_immediate(engine) -> None:

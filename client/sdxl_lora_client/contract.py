@@ -1,15 +1,45 @@
-"""The request/response contract of POST /v1/generate and the RunPod job input (DESIGN.md).
+"""The wire contract (DESIGN.md): the body of POST /v1/generate and of a RunPod job's input, the
+response, and the error codes with their HTTP statuses.
 
-Pure pydantic: imported by the FastAPI app, the RunPod handler and the thin client alike.
+Pure pydantic. It lives in the client's distribution because the video generator installs only
+that; the service (FastAPI app, RunPod handler, inference core) imports it from here.
 """
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from inference.errors import ErrorCode
+
+class ErrorCode(StrEnum):
+    INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
+    LORA_DOWNLOAD_FAILED = "lora_download_failed"
+    LORA_INVALID = "lora_invalid"
+    LORA_INCOMPATIBLE = "lora_incompatible"
+    IMAGE_INVALID = "image_invalid"
+    BUSY = "busy"
+    OUT_OF_MEMORY = "out_of_memory"
+    UPLOAD_FAILED = "upload_failed"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+HTTP_STATUS: dict[ErrorCode, int] = {
+    ErrorCode.INVALID_REQUEST: 422,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.LORA_DOWNLOAD_FAILED: 424,
+    ErrorCode.LORA_INVALID: 422,
+    ErrorCode.LORA_INCOMPATIBLE: 422,
+    ErrorCode.IMAGE_INVALID: 422,
+    ErrorCode.BUSY: 429,
+    ErrorCode.OUT_OF_MEMORY: 503,
+    ErrorCode.UPLOAD_FAILED: 502,
+    ErrorCode.TIMEOUT: 504,
+    ErrorCode.INTERNAL: 500,
+}
 
 MAX_SEED = 2**63 - 1 - 8  # seed + i (i < 8) must still fit torch.Generator.manual_seed
 
@@ -59,6 +89,14 @@ class GenerateRequest(BaseModel):
     def _both_sides_or_neither(self) -> GenerateRequest:
         if (self.width is None) != (self.height is None):
             raise ValueError("give width and height together")
+        return self
+
+    @model_validator(mode="after")
+    def _img2img_runs_at_least_one_step(self) -> GenerateRequest:
+        # img2img denoises the last int(steps * strength) steps (diffusers' get_timesteps); zero would crash it.
+        if self.image is not None and int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(f"img2img runs int(num_inference_steps * strength) denoising steps: "
+                             f"{self.num_inference_steps} x {self.strength:g} is less than one step")
         return self
 
 
