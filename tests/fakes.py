@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from api.local_server import LocalServer, wait_until_ready
+from sdxl_lora_tools.local_servers import LocalServer, wait_until_ready
 
 
 LiveServer = LocalServer
@@ -38,7 +38,7 @@ def start_serve(model, log_dir, env: dict[str, str], timeout_s: float = 180) -> 
     port = free_port()
     log = Path(log_dir) / f"serve-{port}.log"
     script = Path(sys.executable).with_name("sdxl-lora")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "inference.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "sdxl_lora_tools.cli"]
     full_env = dict(os.environ, SDXL_LORA_DEVICE="cpu", PYTHONPATH=str(ROOT), **env)
     with open(log, "wb") as out:
         proc = subprocess.Popen([*command, "serve", "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],

@@ -14,7 +14,7 @@ def bench_cache(tmp_path, monkeypatch, tiny_model):
 
 
 def test_adapters_bench_reports_every_variant():
-    from bench.adapters import run
+    from sdxl_lora_tools.bench.adapters import run
 
     result = run(size="tiny", rank=4, loras=3, repeats=1, steps=1, as_json=True)
     for key in ("naive_reload_ms", "cold_load_ms", "hotswap_ms", "resident_switch_ms", "base_generate_ms",
@@ -23,7 +23,7 @@ def test_adapters_bench_reports_every_variant():
 
 
 def test_replay_bench_reports_ratio_and_share():
-    from bench.replay import run
+    from sdxl_lora_tools.bench.replay import run
 
     result = run(size="tiny", requests=4, loras=2, rank=4, steps=1, block=2, as_json=True)
     assert result["service_s"] > 0 and result["naive_s"] > 0
@@ -31,14 +31,14 @@ def test_replay_bench_reports_ratio_and_share():
 
 
 def test_overhead_bench_reports_ratio():
-    from bench.overhead import run
+    from sdxl_lora_tools.bench.overhead import run
 
     result = run(size="tiny", repeats=1, steps=1, as_json=True)
     assert result["ratio"] == pytest.approx(result["http_ms"] / result["direct_ms"])
 
 
 def test_soak_bench_answers_everything_and_reports_memory():
-    from bench.soak import run
+    from sdxl_lora_tools.bench.soak import run
 
     result = run(duration=3, clients=2, loras=4, max_resident=2, disk_loras=2, as_json=True)
     assert result["requests_tried"] > 0 and result["requests_lost"] == 0
@@ -48,7 +48,7 @@ def test_soak_bench_answers_everything_and_reports_memory():
 
 
 def test_clips_bench_reports_concurrency_ratios():
-    from bench.clips import run
+    from sdxl_lora_tools.bench.clips import run
 
     result = run(clips=3, latency_s=0.05, repeats=1, real=True, steps=2, as_json=True)
     assert result["fake_peak_in_flight"] == 3

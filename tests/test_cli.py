@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.cli import main, parse_lora_arg
+from sdxl_lora_tools.cli import main, parse_lora_arg
 
 
 def test_full_size_synthetic_model_has_sdxl_base_parameter_counts():

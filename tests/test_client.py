@@ -282,7 +282,7 @@ def test_throttled_create_is_retried_after_retry_after(files):
 
 
 def test_compat_probe_reports_lora_like_inputs(capsys):
-    from inference.cli import main
+    from sdxl_lora_tools.cli import main
 
     with FakeReplicate(schemas={"wan-video/wan-2.2-i2v-fast": {"image": {}, "lora_weights_transformer": {},
                                                                "lora_scale_transformer": {}}}) as fake:
@@ -366,7 +366,7 @@ def test_twenty_threads_charging_one_job_lose_nothing(tmp_path):
 
 
 def test_demo_runs_the_whole_path(tmp_path, monkeypatch, capsys):
-    from api.demo import run_demo
+    from sdxl_lora_tools.demo import run_demo
 
     monkeypatch.chdir(tmp_path)
     sheet = run_demo(tmp_path / "out")

@@ -14,7 +14,7 @@ import io
 import pytest
 from PIL import Image
 
-from bench.clips import FixedLatencyService, seed_colour
+from sdxl_lora_tools.bench.clips import FixedLatencyService, seed_colour
 from sdxl_lora_client import (
     AsyncLoraApplicator, BackendError, ClipPrompt, GenerateResponse, LoraApplicator, ServiceBackend, SqlStore,
 )

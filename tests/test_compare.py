@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inference.images import labelled_grid
+from sdxl_lora_tools.sheets import labelled_grid
 
 LINE = 12  # labelled_grid's default line height
 
@@ -72,7 +72,7 @@ def cache_env(tmp_path, monkeypatch):
 
 
 def test_compare_writes_a_scored_sheet_and_page(tmp_path, cache_env, capsys, tiny_model, make_lora):
-    from inference.cli import main
+    from sdxl_lora_tools.cli import main
     from inference.identity import IdentityScorer, write_tiny_clip
 
     clip = write_tiny_clip(tmp_path / "clip")
@@ -122,7 +122,7 @@ def test_compare_writes_a_scored_sheet_and_page(tmp_path, cache_env, capsys, tin
 
 
 def test_compare_without_an_identity_model_has_no_score(tmp_path, cache_env, tiny_model, make_lora):
-    from inference.cli import main
+    from sdxl_lora_tools.cli import main
 
     out = tmp_path / "out"
     assert main(["compare", "--model", str(tiny_model), "--lora", str(make_lora(seed=1)),
@@ -136,7 +136,7 @@ def test_compare_without_an_identity_model_has_no_score(tmp_path, cache_env, tin
 
 @pytest.mark.parametrize("option, value", [("--strengths", "0,0.5"), ("--strengths", "1.5"), ("--scales", "a,b")])
 def test_compare_refuses_bad_settings_before_loading_anything(tmp_path, option, value):
-    from inference.cli import main
+    from sdxl_lora_tools.cli import main
 
     with pytest.raises(SystemExit, match=re.escape(option)):
         main(["compare", "--model", str(tmp_path / "no-model"), "--lora", "x", "--image", str(tmp_path / "none.png"),

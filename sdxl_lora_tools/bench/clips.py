@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Samples, emit_json, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import Samples, emit_json, machine, print_table, synthetic_model
 
 
 class FixedLatencyService:
@@ -112,7 +112,7 @@ def measure(base: str, store, clips, concurrencies: tuple[int, ...], repeats: in
 def run(clips: int = 5, latency_s: float = 0.5, repeats: int = 3, real: bool = True, steps: int = 4,
         as_json: bool = False) -> dict:
     from api.app import create_app
-    from api.local_server import LocalFileServer, LocalServer
+    from sdxl_lora_tools.local_servers import LocalFileServer, LocalServer
     from inference.settings import Settings
     from inference.synthetic import write_lora
     from PIL import Image

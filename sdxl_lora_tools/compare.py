@@ -40,8 +40,9 @@ def parse_floats(text: str, option: str) -> list[float]:
 
 
 def run_compare(args) -> None:
-    """The `compare` command (arguments: see `inference.cli.build_parser`)."""
-    from inference.images import decode_image, labelled_grid
+    """The `compare` command (arguments: see `sdxl_lora_tools.cli.build_parser`)."""
+    from inference.images import decode_image
+    from sdxl_lora_tools.sheets import labelled_grid
     from inference.lora_store import LoraStore
     from inference.pipeline import Engine, GenerationJob
     from inference.settings import Settings

@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.common import BENCH_CACHE, emit_json, lora_files, machine, percentile, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import BENCH_CACHE, emit_json, lora_files, machine, percentile, print_table, synthetic_model
 
 PROMPT = "a portrait photo of a character"
 OOM_MARK = "[inject-oom]"
@@ -113,7 +113,7 @@ class OomOnMark:
 def faulty_file_handler(stall_s: float):
     """Files at /NAME, plus /fault/500/NAME (HTTP 500) and /fault/stall/NAME (headers, then silence
     for `stall_s`): a handler for api.local_server.LocalFileServer."""
-    from api.local_server import QuietFileHandler
+    from sdxl_lora_tools.local_servers import QuietFileHandler
 
     class Faulty(QuietFileHandler):
         protocol_version = "HTTP/1.1"
@@ -268,7 +268,7 @@ def run(duration: float = 120, clients: int = 8, loras: int = 20, max_resident: 
     import httpx
 
     from api.app import create_app
-    from api.local_server import LocalFileServer, LocalServer
+    from sdxl_lora_tools.local_servers import LocalFileServer, LocalServer
     from inference.service import InferenceService
     from inference.settings import Settings
 

@@ -11,7 +11,7 @@ import argparse
 import random
 import time
 
-from bench.common import (
+from sdxl_lora_tools.bench.common import (
     BENCH_CACHE, emit_json, lora_files, machine, percentile, print_table,
     synthetic_model,
 )
@@ -30,7 +30,7 @@ def run(size: str = "tiny", requests: int = 200, loras: int = 20, rank: int = 8,
     import httpx
 
     from api.app import create_app
-    from api.local_server import LocalFileServer, LocalServer
+    from sdxl_lora_tools.local_servers import LocalFileServer, LocalServer
     from inference.pipeline import Engine, GenerationJob
     from inference.settings import Settings
 

@@ -35,7 +35,7 @@ def character_reference(path: Path) -> None:
 
 def run_demo(out_dir: Path) -> Path:
     from api.app import create_app
-    from api.local_server import LocalFileServer, LocalServer
+    from sdxl_lora_tools.local_servers import LocalFileServer, LocalServer
     from inference.identity import write_tiny_clip
     from inference.settings import Settings
     from inference.synthetic import write_lora, write_model
@@ -64,7 +64,7 @@ def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
     from PIL import Image
 
     from sdxl_lora_client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
-    from inference.images import contact_sheet
+    from sdxl_lora_tools.sheets import contact_sheet
 
     print(f"[2/4] service up at {base} (LoRAs and reference served from {files_url})")
 

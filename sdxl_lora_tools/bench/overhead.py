@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import argparse
 
-from bench.common import Samples, emit_json, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import Samples, emit_json, machine, print_table, synthetic_model
 
 
 def run(size: str = "tiny", repeats: int = 20, steps: int = 4, as_json: bool = False) -> dict:
     import httpx
 
     from api.app import create_app
-    from api.local_server import LocalServer
+    from sdxl_lora_tools.local_servers import LocalServer
     from inference.pipeline import GenerationJob
     from inference.service import InferenceService
     from inference.settings import Settings

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from bench.common import BENCH_CACHE, Samples, emit_json, lora_files, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import BENCH_CACHE, Samples, emit_json, lora_files, machine, print_table, synthetic_model
 
 
 def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, steps: int = 2,

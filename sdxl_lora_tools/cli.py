@@ -134,7 +134,8 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 
 
 def cmd_generate(args) -> None:
-    from inference.images import contact_sheet, decode_image
+    from inference.images import decode_image
+    from sdxl_lora_tools.sheets import contact_sheet
     from inference.lora_store import LoraStore
     from inference.pipeline import Engine, GenerationJob
     from inference.settings import Settings
@@ -173,7 +174,7 @@ def cmd_generate(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from inference.compare import run_compare
+    from sdxl_lora_tools.compare import run_compare
 
     run_compare(args)
 
@@ -192,7 +193,7 @@ def cmd_serve(args) -> None:
 def cmd_bench(args) -> None:
     import importlib
 
-    importlib.import_module(f"bench.{args.which}").main(args.rest)
+    importlib.import_module(f"sdxl_lora_tools.bench.{args.which}").main(args.rest)
 
 
 def cmd_compat(args) -> int:
@@ -230,7 +231,7 @@ def cmd_compat(args) -> int:
 
 
 def cmd_demo(args) -> None:
-    from api.demo import run_demo
+    from sdxl_lora_tools.demo import run_demo
 
     run_demo(args.out)
 

@@ -21,7 +21,7 @@ import argparse
 import statistics
 import time
 
-from bench.common import BENCH_CACHE, emit_json, lora_files, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import BENCH_CACHE, emit_json, lora_files, machine, print_table, synthetic_model
 
 
 def matmul_tflops(dtype, n: int = 8192, repeats: int = 10) -> float:
