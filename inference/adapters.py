@@ -1,15 +1,10 @@
-"""LoRA adapters resident in the pipeline through PEFT, least recently used evicted.
+"""LoRA adapters resident in the pipeline through PEFT: which are resident, which are active.
 
-A Replicate bundle's pivotal-tuning embeddings ride along with its adapter: loaded into both text
-encoders under tokens unique to the LoRA (every Replicate LoRA calls its tokens <s0><s1>, so two
-resident bundles would otherwise collide), substituted into the prompt, and unloaded with it.
-
-With `fuse=True` the active adapters are merged into the base weights (PEFT's `merge`) so a
-generation runs plain Linear layers, not base + LoRA branches: unfused PEFT layers cost SDXL about
-30 % more per image on GPUs (Hugging Face's measurement), paid on every image. The base weights of
-every merged layer are copied first and copied back to unfuse, never un-merged by subtraction, so
-the base model is restored bit for bit and A -> B -> A gives A's image again. A LoRA request then
-always runs fused, whatever came before: same request, same pixels.
+The least recently used adapter makes room for a new LoRA: its layers are reused for a UNet LoRA
+they can hold (`inference.hotswap`), otherwise it is deleted and the new one injected. Before each
+generation exactly the request's LoRAs are made active at their scales, through PEFT's per-layer
+API on a cached list of the LoRA layers; with fusing on, they are then merged into the weights
+(`inference.fusing`). A bundle's tokens ride along with its adapter (`inference.bundle_tokens`).
 
 Every method here mutates the pipeline's modules, so the caller must hold the engine's lock:
 diffusers/PEFT injection, deletion and generation are not safe to interleave (schedulers keep
@@ -19,24 +14,25 @@ state, and `low_cpu_mem_usage` patches `nn.Module.register_parameter` process-wi
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import torch
 
-from inference.bundles import load_embedding_rows
+from inference.bundle_tokens import load_tokens, rewrite_prompt, unload_tokens
 from inference.errors import ErrorCode, ServiceError
+from inference.fusing import Fusing
+from inference.integrity import CorruptEntry
+from inference.hotswap import UnetLora, can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
 from inference.lora_compat import LoraSummary, LoraWeights, check_lora_weights, read_lora
 from inference.lora_store import LoraFile
+from inference.peft_internals import hotswap_refusal, load_into_pipeline
+from inference.quiet import transformers_errors_only
 
 log = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-TRAINER_TOKEN = re.compile(r"<s\d+>")
 
 
 @dataclass
@@ -49,54 +45,6 @@ class ResidentAdapter:
     tokens: dict[str, str] = field(default_factory=dict)  # trainer's token -> the token loaded for this LoRA
 
 
-def _can_hotswap(old: LoraSummary, new: LoraSummary) -> bool:
-    """diffusers/PEFT hotswap only UNet layers, and only into modules the old adapter already has."""
-    return not old.has_text_encoder_layers and not new.has_text_encoder_layers and new.modules <= old.modules
-
-
-@dataclass
-class _UnetLora:
-    """A UNet-only LoRA in PEFT keys, with the LoraConfig diffusers would build for it on load."""
-
-    state: dict[str, torch.Tensor]  # "{module path}.lora_A.weight" / ".lora_B.weight"
-    config: Any  # peft.LoraConfig
-    modules: set[str]
-
-    @classmethod
-    def parse(cls, weights: LoraWeights) -> _UnetLora | None:
-        """None for what only PEFT's own path handles: text-encoder layers, biases, DoRA."""
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from diffusers.utils.peft_utils import _create_lora_config
-
-        prefix = "unet."
-        state = {k.removeprefix(prefix): v for k, v in weights.state_dict.items() if k.startswith(prefix)}
-        if not state or len(state) != len(weights.state_dict):
-            return None
-        if "lora_A" not in next(iter(state)):
-            state = convert_unet_state_dict_to_peft(state)
-        if not all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in state):
-            return None
-        ranks = {f"^{key}": value.shape[1] for key, value in state.items() if ".lora_B." in key}
-        alphas = {k.removeprefix(prefix): v for k, v in (weights.network_alphas or {}).items() if k.startswith(prefix)}
-        metadata = {k.removeprefix(prefix): v for k, v in weights.metadata.items()
-                    if k.startswith(prefix)} if weights.metadata else None
-        config = _create_lora_config(state, alphas or None, metadata or None, ranks)
-        return cls(state, config, {key.rsplit(".lora_", 1)[0] for key in state})
-
-    def rank_alpha(self, path: str) -> tuple[int, float]:
-        """Resolved as PEFT resolves them when it injects a layer (by module path)."""
-        from peft.utils.other import get_pattern_key
-
-        config = self.config
-        rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), path), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), path), config.lora_alpha)
-        return rank, alpha
-
-    def scaling(self, path: str) -> float:
-        rank, alpha = self.rank_alpha(path)
-        return alpha / rank**0.5 if self.config.use_rslora else alpha / rank
-
-
 class AdapterCache:
     def __init__(self, pipe, max_resident: int, hotswap: bool = True, fuse: bool = False):
         if max_resident < 1:
@@ -104,14 +52,14 @@ class AdapterCache:
         self.pipe = pipe
         self.max_resident = max_resident
         self.hotswap = hotswap  # reuse the LRU adapter's layers for a new UNet-only LoRA when full
+        self.fuse = fuse
+        self.fusing = Fusing()
         self._injections = 0
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         # What the PEFT layers were last set to; None after any injection or deletion, which can
         # change the active set behind our back (delete_adapters activates a remaining adapter).
         self._active_state: tuple | None = None
         self._layers: list | None = None  # the pipeline's PEFT LoRA layers; rebuilt after any injection/deletion
-        self.fuse = fuse
-        self._saved_weights: dict = {}  # merged layer -> its base weight before merging
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -160,19 +108,12 @@ class AdapterCache:
         self.fuse = fuse
 
     def prompt_for(self, prompt: str, loras: list[LoraFile]) -> str:
-        """The prompt with each resident bundle's trigger text replaced by its own tokens.
-
-        As Replicate's predictor does: each special_params.json entry (e.g. TOK -> <s0><s1>) is
-        replaced verbatim, then the trainer's <sN> names become the tokens loaded for that LoRA.
-        With two bundles, the first one listed claims a shared trigger.
-        """
+        """The prompt with each resident bundle's trigger text replaced by its own tokens (the first
+        bundle listed claims a trigger two bundles share)."""
         for lora in loras:
             adapter = self._resident.get(lora.sha256)
-            if adapter is None or not adapter.tokens or lora.tokens is None:
-                continue
-            for text, tokens in lora.tokens.substitutions:
-                prompt = prompt.replace(text, tokens)
-            prompt = TRAINER_TOKEN.sub(lambda m: adapter.tokens.get(m.group(0), m.group(0)), prompt)
+            if adapter is not None:
+                prompt = rewrite_prompt(prompt, lora, adapter.tokens)
         return prompt
 
     def _ensure_resident(self, lora: LoraFile, keep: set[str]) -> tuple[str, str]:
@@ -182,13 +123,17 @@ class AdapterCache:
             self._resident.move_to_end(lora.sha256)
             hit.uses += 1
             return hit.name, "resident"
-        weights = read_lora(self.pipe, lora.path)  # FileNotFoundError: evicted by another worker
-        summary = check_lora_weights(self.pipe, weights.state_dict)
+        try:
+            weights = read_lora(self.pipe, lora.path, lora.expected_sha256(lora.path))
+            summary = check_lora_weights(self.pipe, weights.state_dict)
+        except (ServiceError, CorruptEntry) as exc:  # the file's fault: the service drops it from the cache
+            exc.lora = lora
+            raise
         tokens = None
         if len(self._resident) >= self.max_resident:
             victim_key = next(k for k in self._resident if k not in keep)
             victim = self._resident[victim_key]
-            if self.hotswap and _can_hotswap(victim.summary, summary):
+            if self.hotswap and can_hotswap(victim.summary, summary):
                 tokens = self._load_tokens(lora)  # first: a bad bundle leaves the victim untouched
                 try:
                     swapped = self._hotswap(victim.name, lora, weights)
@@ -219,21 +164,13 @@ class AdapterCache:
         return name, lora.source
 
     def _inject(self, name: str, lora: LoraFile, weights: LoraWeights, hotswap: bool = False) -> None:
-        """diffusers' `load_lora_weights`, minus its own read and conversion of the file: `weights` has them."""
+        """diffusers' component loaders on the tensors already read; on any failure nothing is left."""
         self._forget_layers()
         started = time.perf_counter()
-        pipe = self.pipe
-        common = dict(network_alphas=weights.network_alphas, adapter_name=name, metadata=weights.metadata,
-                      _pipeline=pipe, low_cpu_mem_usage=True, hotswap=hotswap)
-        present = {key.split(".", 1)[0] for key in weights.state_dict}  # skip components the file leaves alone
         try:
-            if "unet" in present:
-                pipe.load_lora_into_unet(weights.state_dict, unet=pipe.unet, **common)
-            for prefix, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
-                if prefix in present:
-                    with _quiet_transformers():
-                        pipe.load_lora_into_text_encoder(weights.state_dict, text_encoder=encoder, prefix=prefix,
-                                                         lora_scale=pipe.lora_scale, **common)
+            with transformers_errors_only():
+                load_into_pipeline(self.pipe, weights.state_dict, adapter_name=name,
+                                   network_alphas=weights.network_alphas, metadata=weights.metadata, hotswap=hotswap)
         except Exception as exc:
             self._purge(name)
             if isinstance(exc, ServiceError):
@@ -251,101 +188,40 @@ class AdapterCache:
                  (time.perf_counter() - started) * 1e3)
 
     def _load_tokens(self, lora: LoraFile) -> dict[str, str]:
-        """Load a bundle's embeddings into both text encoders; return trainer token -> loaded token."""
-        if lora.tokens is None:
-            return {}
-        pipe = self.pipe
-        names = {token: f"<{lora.sha256[:12]}_{token[1:-1]}>" for token in lora.tokens.tokens}
-        pairs = ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
-        rows = load_embedding_rows(lora.tokens.embeddings)
-        for (encoder, _), row in zip(pairs, rows):
-            width = encoder.get_input_embeddings().embedding_dim
-            if row.shape[1] != width:
-                raise ServiceError(ErrorCode.LORA_INCOMPATIBLE,
-                                   f"the bundle's token embeddings are {row.shape[1]} wide; this text encoder takes {width}")
-        loaded = []
         try:
-            for (encoder, tokenizer), row in zip(pairs, rows):
-                pipe.load_textual_inversion(row, token=list(names.values()), text_encoder=encoder, tokenizer=tokenizer)
-                loaded.append((encoder, tokenizer))
-        except Exception as exc:
-            for encoder, tokenizer in loaded:
-                pipe.unload_textual_inversion(list(names.values()), tokenizer=tokenizer, text_encoder=encoder)
-            raise ServiceError(ErrorCode.LORA_INVALID, f"the bundle's token embeddings could not be loaded: {exc}") from exc
-        return names
+            return load_tokens(self.pipe, lora)
+        except (ServiceError, CorruptEntry) as exc:
+            exc.lora = lora
+            raise
 
     def _unload_tokens(self, tokens: dict[str, str]) -> None:
-        if not tokens:
-            return
-        self._active_state = None
-        pipe = self.pipe
-        for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
-            present = [t for t in tokens.values() if t in tokenizer.get_vocab()]
-            if present:
-                pipe.unload_textual_inversion(present, tokenizer=tokenizer, text_encoder=encoder)
+        if tokens:
+            self._active_state = None
+            unload_tokens(self.pipe, tokens)
 
     def _hotswap(self, name: str, lora: LoraFile, weights: LoraWeights) -> bool:
-        """Put `lora`'s weights into the existing adapter `name` instead of injecting a new one.
+        """Put `lora`'s weights into the existing adapter `name` (see `inference.hotswap`).
 
-        Same-shaped LoRAs (the usual case: one trainer, one rank) are copied straight into the
-        cached layers; other ranks go through diffusers' `hotswap=True`, which walks the model
-        twice (`state_dict()`, `modules()`: about 0.7 s of the 1.3-2 s it took on the full-size
-        SDXL on CPU). Returns False, having changed nothing, when PEFT would refuse the swap (its
-        configs must agree on alpha_pattern, dropout, rsLoRA, DoRA): the caller injects instead.
+        Returns False, having changed nothing, when it cannot: text-encoder layers, or a config PEFT
+        would refuse to swap (alpha_pattern, dropout, rsLoRA, DoRA must agree); the caller injects.
         """
-        from peft.utils.hotswap import check_hotswap_configs_compatible
-
-        unet_lora = _UnetLora.parse(weights)
+        unet_lora = UnetLora.parse(weights)
         if unet_lora is None:
             return False
-        if self._copy_into_slot(name, unet_lora):
+        slot = {path: layer for path, layer in self._named_unet_layers() if name in layer.lora_A}
+        plan = in_place_plan(slot, name, unet_lora)
+        if plan is not None:
+            self.fusing.unfuse()  # nothing can fail from here on
+            self._active_state = None
+            copy_in_place(plan, slot, name, unet_lora)
             log.info("adapter %s hot-swapped for %s (copied in place)", name, lora.lora_id)
             return True
-        try:
-            check_hotswap_configs_compatible(self.pipe.unet.peft_config[name], unet_lora.config)
-        except ValueError as exc:
-            log.info("not hot-swapping %s into %s: %s", lora.lora_id, name, str(exc)[:200])
+        refusal = hotswap_refusal(self.pipe.unet.peft_config[name], unet_lora.config)
+        if refusal:
+            log.info("not hot-swapping %s into %s: %s", lora.lora_id, name, refusal[:200])
             return False
         self._inject(name, lora, weights, hotswap=True)
-        # PEFT's hotswap leaves `r` and `lora_alpha` at the old adapter's values and sets `scaling`
-        # from the config's default r/alpha (its rank/alpha patterns are matched against parameter
-        # keys, where they never match). `set_scale`, run on every activation, recomputes scaling
-        # from `lora_alpha` and `r`: so alpha is rewritten to give each module its own alpha/rank.
-        for path, layer in self._named_unet_layers():
-            if name in layer.scaling and path in unet_lora.modules:
-                scaling = unet_lora.scaling(path)
-                layer.lora_alpha[name] = scaling * (layer.r[name] ** 0.5 if layer.use_rslora[name] else layer.r[name])
-                layer.scaling[name] = scaling
-        return True
-
-    def _copy_into_slot(self, name: str, unet_lora: _UnetLora) -> bool:
-        """Copy a UNet LoRA whose every tensor has the shape of adapter `name`'s into its layers.
-
-        Returns False, having changed nothing, when the LoRA does not fit that way. Layers the new
-        LoRA leaves out get zero weights, as PEFT's hotswap does.
-        """
-        slot = {path: layer for path, layer in self._named_unet_layers() if name in layer.lora_A}
-        plan = []
-        for path in unet_lora.modules:
-            layer = slot.get(path)
-            down, up = unet_lora.state.get(f"{path}.lora_A.weight"), unet_lora.state.get(f"{path}.lora_B.weight")
-            if (layer is None or down is None or up is None or layer.use_rslora[name] != unet_lora.config.use_rslora
-                    or down.shape != layer.lora_A[name].weight.shape or up.shape != layer.lora_B[name].weight.shape):
-                return False
-            plan.append((path, layer, down, up))
-        self._unfuse()  # nothing can fail from here on
-        self._active_state = None
-        covered = {id(layer) for _, layer, _, _ in plan}
-        with torch.no_grad():
-            for layer in slot.values():
-                if id(layer) not in covered:
-                    layer.lora_A[name].weight.zero_()
-                    layer.lora_B[name].weight.zero_()
-            for path, layer, down, up in plan:
-                layer.lora_A[name].weight.copy_(down)
-                layer.lora_B[name].weight.copy_(up)
-                layer.r[name], layer.lora_alpha[name] = unet_lora.rank_alpha(path)
-                layer.scaling[name] = unet_lora.scaling(path)
+        give_each_module_its_scaling(self._named_unet_layers(), name, unet_lora)
         return True
 
     def _evict(self, key: str) -> None:
@@ -378,23 +254,9 @@ class AdapterCache:
 
     def _forget_layers(self) -> None:
         """Before the LoRA layers change: unfuse, and forget the active state and the layer list."""
-        self._unfuse()
+        self.fusing.unfuse()
         self._active_state = None
         self._layers = None
-
-    def _fuse(self, names: list[str]) -> None:
-        for layer in self._lora_layers():
-            here = [name for name in names if name in layer.lora_A]
-            if here:
-                self._saved_weights[layer] = layer.get_base_layer().weight.detach().clone()
-                layer.merge(adapter_names=here)
-
-    def _unfuse(self) -> None:
-        """Copy the saved base weights back: exact, unlike PEFT's unmerge (W + dW - dW != W in floats)."""
-        for layer, weight in self._saved_weights.items():
-            layer.get_base_layer().weight.data.copy_(weight)
-            layer.merged_adapters.clear()
-        self._saved_weights.clear()
 
     def _set_active(self, active: list[tuple[str, float]]) -> None:
         """Set exactly these adapters active at these scales, unless the layers are known to be so.
@@ -409,9 +271,10 @@ class AdapterCache:
         if not self._resident or state == previous:
             self._active_state = previous
             return
-        self._unfuse()
+        self.fusing.unfuse()
         names = [name for name, _ in active]
-        for layer in self._lora_layers():
+        layers = self._lora_layers()
+        for layer in layers:
             if not active:
                 layer.enable_adapters(False)
                 continue
@@ -421,7 +284,7 @@ class AdapterCache:
             for name, scale in active:
                 layer.set_scale(name, scale)  # ignores adapters this layer does not have
         if self.fuse and active:
-            self._fuse(names)
+            self.fusing.fuse(layers, names)
         self._active_state = state
 
     def _named_layers(self) -> list[tuple[str, str, object]]:
@@ -439,20 +302,3 @@ class AdapterCache:
 
     def _named_unet_layers(self) -> list[tuple[str, object]]:
         return [(path, layer) for component, path, layer in self._named_layers() if component == "unet"]
-
-
-@contextmanager
-def _quiet_transformers():
-    """transformers 5 logs a "LOAD REPORT" calling every LoRA key MISSING (they are loaded: the
-    hand-merged reference tests check it) and a progress bar per text encoder; keep the log clean."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()

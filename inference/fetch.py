@@ -1,49 +1,62 @@
-"""SSRF-safe streaming downloads of user-supplied URLs (LoRA files, reference images).
+"""SSRF-safe streaming downloads of user-supplied URLs (LoRA files, reference images), and local reads.
 
-`fetch_to_file` streams an ``http://``, ``https://`` or ``s3://bucket/key`` URL into an open
-binary file and returns the byte count. For http(s) it builds on the runpod SDK's `rp_ssrf`
-pieces but runs its own resolve / validate / pin / redirect loop, because rp_ssrf's escape hatch
-is a process-wide environment variable while ours is an argument (`allow_private`):
+`fetch_to_file` streams an ``http://``, ``https://`` or ``s3://bucket/key`` URL into an open binary
+file, `read_local` a local path or ``file://`` URL; all of them through one loop, `copy_capped`,
+which enforces the size cap and the overall `Deadline` on every chunk.
+
+http(s) runs on httpx with a resolve / validate / pin / redirect loop of its own around
+`rp_ssrf.is_safe_address` (rp_ssrf's `safe_get` is built on requests and its escape hatch is a
+process-wide environment variable; ours is an argument, `allow_private`):
 
 * only http and https; every address the host resolves to must be globally routable
-  (`rp_ssrf.is_safe_address`), unless `allow_private` -- a host that resolves to a public and a
-  private address is refused;
-* the connection is pinned to the address that was checked (`rp_ssrf.PinnedIPAdapter`: TLS SNI,
-  certificate check and Host header stay bound to the URL's host), so a second DNS answer cannot
-  swap in another address (DNS rebinding); the session ignores proxy environment variables,
-  which would otherwise dial the host by name and bypass the pin (a CA bundle named by
-  ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` is still honoured);
-* redirects are followed by hand, at most `MAX_REDIRECTS`, and every hop is checked again;
-* `timeout_s` bounds the connect and each read (an idle connection), and an overall deadline
-  bounds the whole fetch: a watchdog shuts the socket down when it passes, so a server that
-  drips a byte at a time cannot hold a worker for ever;
-* `max_bytes` is enforced on the declared Content-Length before the body is read, and again
-  while streaming (a missing or lying Content-Length); a body shorter than its Content-Length
-  is an error, never a silently truncated file.
+  (`is_safe_address`, which also refuses IPv4-mapped IPv6 such as ``::ffff:127.0.0.1``; 6to4, which
+  it lets through, is checked for the IPv4 address inside), unless `allow_private`;
+* the request goes to the checked address (the URL's host replaced by the IP) while the Host
+  header, TLS SNI and certificate check keep the URL's host (httpcore's ``sni_hostname``), so a
+  second DNS answer cannot swap in another address (DNS rebinding); proxy settings are ignored, as
+  a proxy would dial the host by name (the CA bundle variables are still read, by `_verify`);
+* redirects are followed by hand, at most `MAX_REDIRECTS`, every hop checked again; only
+  connection errors move on to the host's next address (dual-stack hosts);
+* the body is read raw (``Accept-Encoding: identity``, never decoded): the bytes counted are the
+  bytes written, so no compressed body inflates past the cap. `max_bytes` is checked on the
+  Content-Length, then while streaming; a body shorter than its Content-Length is an error (h11
+  checks the framing), never a truncated file.
 
-``s3://`` is not SSRF-guarded: the endpoint and credentials are the deployer's configuration
-(boto3's own credential chain), not the caller's. The size is checked with ``head_object``
-first, then the body is streamed with the cap enforced while reading.
+Time: `timeout_s` bounds connecting and each wait for data; the deadline bounds the whole fetch.
+httpx's raw stream yields every receive as it arrives and the deadline is checked after each, so a
+server that drips a byte at a time is cut off at its first byte past the deadline, and a silent one
+by the read timeout (`timeout_s`, or the time left when the request was sent if less). A fetch ends
+at most one read timeout after its deadline, with no watchdog thread (tests/test_fetch.py: drip
+and stall tests).
 
-The module knows nothing about LoRAs; callers turn a `FetchError` into their own error code.
-Messages name the host but never the query string (presigned URLs carry credentials there).
+``s3://`` is not SSRF-guarded: endpoint and credentials are the deployer's configuration (boto3's
+credential chain), not the caller's; the size is checked with ``head_object`` before streaming.
+Callers turn a `FetchError` into their own error code. Messages never show a query string
+(presigned URLs carry credentials there).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
-import threading
-import time
-from collections.abc import Callable
+import ssl
+import stat
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import BinaryIO, Literal
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+import httpx
+
+from inference.deadline import Deadline
 
 MiB = 1024**2
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = frozenset((301, 302, 303, 307, 308))
-CHUNK_BYTES = 1 * MiB
+CHUNK_BYTES = 64 * 1024  # what httpcore reads per receive; small enough to check the deadline often
 CONNECT_TIMEOUT_S = 10.0
 # Without an explicit deadline, the body must arrive at an average of at least this rate
 # (after `timeout_s` of slack): a 2 GiB LoRA gets ~17 minutes, a 32 MiB image ~16 s more than timeout_s.
@@ -58,7 +71,7 @@ class FetchError(Exception):
 
     `kind` is ``"refused"`` when we would not fetch it (scheme, private address, too large) and
     ``"failed"`` when we tried and the source did not deliver (HTTP status, timeout, connection
-    closed early, s3 error). `status` is the HTTP status when there was one.
+    closed early, s3 error, unreadable file). `status` is the HTTP status when there was one.
     """
 
     def __init__(self, message: str, *, kind: FetchKind = "failed", status: int | None = None):
@@ -72,27 +85,80 @@ class FetchError(Exception):
         return self.kind == "refused"
 
 
+def _too_slow(deadline: Deadline, source: str) -> FetchError:
+    return FetchError(f"the download from {source} took longer than {deadline.seconds:g} s and was abandoned")
+
+
+def copy_capped(chunks: Iterable[bytes], dest: BinaryIO, *, max_bytes: int, deadline: Deadline | None,
+                source: str) -> int:
+    """Write `chunks` to `dest`; return the byte count. The one copy loop of every source.
+
+    FetchError (refused) once the total passes `max_bytes`, before that chunk is written; FetchError
+    (failed) when `deadline` has passed after a chunk. `source` names the source in those messages.
+    Errors from `chunks` and `dest.write` (a full disk) pass through unchanged.
+    """
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > max_bytes:
+            raise _too_large(source, max_bytes)
+        if deadline is not None and deadline.expired:
+            raise _too_slow(deadline, source)
+        dest.write(chunk)
+    return total
+
+
 def fetch_to_file(url: str, dest: BinaryIO, *, allow_private: bool, max_bytes: int, timeout_s: float,
-                  deadline_s: float | None = None, s3_client_factory: Callable[[], object] | None = None) -> int:
+                  deadline_s: float | None = None, deadline: Deadline | None = None,
+                  s3_client_factory: Callable[[], object] | None = None) -> int:
     """Stream `url` (https, http or s3) into `dest`; return the number of bytes written.
 
-    `timeout_s` bounds connecting and each wait for data; `deadline_s` (default: `timeout_s` plus
-    `max_bytes` at `MIN_AVERAGE_BYTES_PER_S`) bounds the whole fetch. `s3_client_factory` returns
-    the boto3 client to use for s3:// (default: a new `make_s3_client(None)`). Raises `FetchError`.
-    On error, `dest` may hold part of the body: the caller owns cleaning it up.
+    `timeout_s` bounds connecting and each wait for data. The whole fetch is bounded by `deadline`
+    when given (e.g. one shared by a whole request), else by one `deadline_s` from now (default:
+    `timeout_s` plus `max_bytes` at `MIN_AVERAGE_BYTES_PER_S`); an http(s) fetch ends at most
+    `timeout_s` past it. `s3_client_factory` returns the boto3 client for s3:// (default: a new
+    `make_s3_client(None)`). Raises `FetchError`. On error, `dest` may hold part of the body: the
+    caller owns cleaning it up.
     """
-    if deadline_s is None:
-        deadline_s = timeout_s + max_bytes / MIN_AVERAGE_BYTES_PER_S
-    scheme = urlsplit(url).scheme.lower()
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. an unbalanced [ in the host
+        raise FetchError("refused: not a valid URL", kind="refused") from exc
     if scheme in ("http", "https"):
-        return _fetch_http(url, dest, allow_private=allow_private, max_bytes=max_bytes, timeout_s=timeout_s,
-                           deadline_s=deadline_s)
+        from runpod.serverless.utils import rp_ssrf  # noqa: F401 (its first import takes ~2 s: before the clock)
+    elif scheme != "s3":
+        raise FetchError(f"unsupported URL scheme {scheme + ':' if scheme else '(none)'}: "
+                         "use https://, http:// or s3://", kind="refused")
+    if deadline is None:
+        deadline = Deadline(deadline_s if deadline_s is not None else timeout_s + max_bytes / MIN_AVERAGE_BYTES_PER_S)
     if scheme == "s3":
         client = s3_client_factory() if s3_client_factory else make_s3_client(None, timeout_s=timeout_s)
-        return _fetch_s3(url, dest, client, max_bytes=max_bytes, deadline=time.monotonic() + deadline_s,
-                         deadline_s=deadline_s)
-    raise FetchError(f"unsupported URL scheme {scheme + ':' if scheme else '(none)'}: use https://, http:// or s3://",
-                     kind="refused")
+        return _fetch_s3(url, dest, client, max_bytes=max_bytes, deadline=deadline)
+    return _fetch_http(url, dest, allow_private=allow_private, max_bytes=max_bytes, timeout_s=timeout_s,
+                       deadline=deadline)
+
+
+def read_local(source: str | os.PathLike, dest: BinaryIO, *, max_bytes: int, deadline: Deadline | None = None) -> int:
+    """Copy a local file into `dest` and return the number of bytes written.
+
+    `source` is a path (``~`` expanded) or a ``file://`` URL naming a file on this machine. No
+    access control here: the caller decides whether local files are acceptable at all. Only
+    regular files are read (a FIFO or a device could block or never end). Raises `FetchError`.
+    """
+    path = _local_path(source)
+    try:
+        info = os.stat(path)
+        if stat.S_ISDIR(info.st_mode):
+            raise FetchError(f"{path} is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise FetchError(f"{path} is not a regular file", kind="refused")
+        if info.st_size > max_bytes:
+            raise _too_large(str(path), max_bytes, info.st_size)
+        file = open(path, "rb")
+    except OSError as exc:
+        raise _unreadable(path, exc) from exc
+    with file:
+        return copy_capped(_read_chunks(file, path), dest, max_bytes=max_bytes, deadline=deadline, source=str(path))
 
 
 def make_s3_client(endpoint_url: str | None, *, timeout_s: float = 60.0):
@@ -104,13 +170,9 @@ def make_s3_client(endpoint_url: str | None, *, timeout_s: float = 60.0):
     import boto3
     from botocore.config import Config
 
-    config = Config(
-        connect_timeout=min(CONNECT_TIMEOUT_S, timeout_s),
-        read_timeout=timeout_s,
-        retries={"max_attempts": 3, "mode": "standard"},
-        signature_version="s3v4",
-        s3={"addressing_style": "path"} if endpoint_url else None,
-    )
+    config = Config(connect_timeout=min(CONNECT_TIMEOUT_S, timeout_s), read_timeout=timeout_s,
+                    retries={"max_attempts": 3, "mode": "standard"}, signature_version="s3v4",
+                    s3={"addressing_style": "path"} if endpoint_url else None)
     # A session of its own: creating clients from boto3's shared default session is not thread-safe.
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
@@ -130,7 +192,7 @@ def checked_addresses(host: str, port: int, *, allow_private: bool) -> list[str]
 
     try:
         addresses = resolve(host, port)
-    except (socket.gaierror, UnicodeError) as exc:
+    except (OSError, UnicodeError) as exc:
         raise FetchError(f"cannot resolve host {host}") from exc
     if not addresses:
         raise FetchError(f"cannot resolve host {host}")
@@ -156,123 +218,110 @@ def _embedded_ipv4_is_safe(address: str, is_safe: Callable[[str], bool]) -> bool
 
 
 def _fetch_http(url: str, dest: BinaryIO, *, allow_private: bool, max_bytes: int, timeout_s: float,
-                deadline_s: float) -> int:
-    import requests
-    from runpod.serverless.utils import rp_ssrf  # noqa: F401 (imported before the clock starts: it takes ~2 s)
-
-    watchdog = _Watchdog(deadline_s)
-    current = url
+                deadline: Deadline) -> int:
+    host = "the host"  # for messages, until the URL is parsed
     try:
+        current = httpx.URL(url)
+        first = current.raw_host.decode("ascii", "replace")
         for _hop in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(current)
-            scheme = parts.scheme.lower()
-            if scheme not in ("http", "https"):
-                raise FetchError(f"refused: redirect to a {scheme or 'scheme-less'} URL (only http and https)",
-                                 kind="refused")
-            host = parts.hostname
+            if current.scheme not in ("http", "https"):
+                said = current.scheme or "scheme-less"
+                raise FetchError(f"refused: redirect to a {said} URL (only http and https)", kind="refused")
+            host = current.raw_host.decode("ascii", "replace")
             if not host:
                 raise FetchError("refused: the URL has no host", kind="refused")
-            try:
-                port = parts.port or (443 if scheme == "https" else 80)
-            except ValueError as exc:
-                raise FetchError(f"refused: invalid port in the URL for {host}", kind="refused") from exc
+            port = current.port or (443 if current.scheme == "https" else 80)
+            if not 0 < port < 65536:
+                raise FetchError(f"refused: invalid port in the URL for {host}", kind="refused")
             addresses = checked_addresses(host, port, allow_private=allow_private)
-            try:
-                location, total = _get_pinned(current, host, addresses, dest, watchdog=watchdog,
-                                              max_bytes=max_bytes, timeout_s=timeout_s)
-            except requests.RequestException as exc:
-                if watchdog.expired:
-                    raise _too_slow(deadline_s, host) from exc
-                if isinstance(exc, requests.Timeout) or "timed out" in str(exc).lower():
-                    raise FetchError(f"timed out after {timeout_s:g} s waiting for {host}") from exc
-                raise FetchError(f"download from {host} failed: {_describe(exc)}") from exc
+            location, total = _get_pinned(current, host, addresses, dest, max_bytes=max_bytes, timeout_s=timeout_s,
+                                          deadline=deadline)
             if location is None:
                 return total
-            current = urljoin(current, location)
-        raise FetchError(f"more than {MAX_REDIRECTS} redirects, starting from {urlsplit(url).hostname}")
-    finally:
-        watchdog.cancel()
+            current = current.join(location)
+        raise FetchError(f"more than {MAX_REDIRECTS} redirects, starting from {first}")
+    except httpx.InvalidURL as exc:  # its message may quote the URL: not shown
+        raise FetchError("refused: not a valid URL", kind="refused") from exc
+    except httpx.TimeoutException as exc:
+        if deadline.expired:
+            raise _too_slow(deadline, host) from exc
+        raise FetchError(f"timed out after {timeout_s:g} s waiting for {host}") from exc
+    except httpx.HTTPError as exc:
+        raise FetchError(f"download from {host} failed: {_describe(exc)}") from exc
 
 
-def _get_pinned(url: str, host: str, addresses: list[str], dest: BinaryIO, *, watchdog: _Watchdog, max_bytes: int,
-                timeout_s: float) -> tuple[str | None, int]:
-    """GET `url` over a connection pinned to the first of `addresses` that connects.
+def _get_pinned(url: httpx.URL, host: str, addresses: list[str], dest: BinaryIO, *, max_bytes: int,
+                timeout_s: float, deadline: Deadline) -> tuple[str | None, int]:
+    """GET `url` from the first of `addresses` that accepts a connection.
 
     Returns (the Location of a redirect, 0), or (None, byte count) once the body is in `dest`.
-    Only connection errors move on to the next address (dual-stack hosts whose first address is
-    unroutable), as rp_ssrf does.
+    An httpx transport rather than a Client: nothing from the environment (proxies), no redirects,
+    auth or cookies, and no INFO log line with the URL (and its query string) in it. A fresh one
+    per attempt: a pooled connection made for one host name must never carry a request for another.
     """
-    import requests
-    from runpod.serverless.utils.rp_ssrf import SSRFError, iter_content_capped
-
+    headers = {"Host": url.netloc.decode("ascii"), "Accept-Encoding": "identity", "User-Agent": USER_AGENT}
     last_error: Exception | None = None
     for address in addresses:
-        remaining = watchdog.remaining()
-        if remaining <= 0:
-            raise _too_slow(watchdog.seconds, host)
-        session = requests.Session()
-        session.trust_env = False  # no proxies from the environment: the pinned address is what gets dialled
-        session.verify = _ca_bundle()
-        adapter = _pinned_adapter(address, watchdog)
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        try:
+        left = deadline.remaining()
+        if left <= 0:
+            raise _too_slow(deadline, host)
+        timeout = httpx.Timeout(min(timeout_s, left), connect=min(CONNECT_TIMEOUT_S, timeout_s, left))
+        extensions = {"timeout": timeout.as_dict(), **({"sni_hostname": host} if url.scheme == "https" else {})}
+        request = httpx.Request("GET", url.copy_with(host=address), headers=headers, extensions=extensions)
+        with httpx.HTTPTransport(verify=_verify()) as transport:
             try:
-                response = session.get(
-                    url, stream=True, allow_redirects=False,
-                    headers={"Accept-Encoding": "identity", "User-Agent": USER_AGENT},
-                    timeout=(min(CONNECT_TIMEOUT_S, timeout_s, remaining), min(timeout_s, remaining)))
-            except requests.ConnectionError as exc:
-                if watchdog.expired:
-                    raise _too_slow(watchdog.seconds, host) from exc
+                response = transport.handle_request(request)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # raised before any response only
                 last_error = exc
                 continue
-            with response:
-                status = response.status_code
-                if status in REDIRECT_STATUSES:
-                    location = response.headers.get("Location")
-                    if not location:
-                        raise FetchError(f"{host} answered a redirect (HTTP {status}) without a Location",
-                                         status=status)
-                    return location, 0
-                if not 200 <= status < 300:
-                    raise FetchError(_status_message(host, status, response.reason), status=status)
-                declared = _content_length(response)
-                if declared is not None and declared > max_bytes:
-                    raise FetchError(f"the file is {_sizes(declared, max_bytes)} allowed", kind="refused",
-                                     status=status)
-                total = 0
-                try:
-                    for chunk in iter_content_capped(response, CHUNK_BYTES, max_bytes):
-                        dest.write(chunk)
-                        total += len(chunk)
-                except SSRFError as exc:  # the running total passed max_bytes
-                    raise FetchError(f"the file is larger than the {_human(max_bytes)} allowed",
-                                     kind="refused", status=status) from exc
-                if watchdog.expired:
-                    raise _too_slow(watchdog.seconds, host)
-                if declared is not None and total < declared:
-                    raise FetchError(f"{host} closed the connection after {total} of {declared} bytes", status=status)
-                return None, total
-        finally:
-            session.close()
+            try:
+                return _receive(response, host, dest, max_bytes=max_bytes, deadline=deadline)
+            finally:
+                response.close()
+    if deadline.expired:
+        raise _too_slow(deadline, host) from last_error
     raise FetchError(f"cannot connect to {host}: {_describe(last_error)}") from last_error
 
 
-def _ca_bundle() -> str | bool:
-    """The deployer's CA bundle, which trust_env=False would otherwise drop along with the proxies."""
-    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-
-
-def _content_length(response) -> int | None:
-    raw = response.headers.get("Content-Length")
-    if raw is None or response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
-        return None
+def _receive(response: httpx.Response, host: str, dest: BinaryIO, *, max_bytes: int,
+             deadline: Deadline) -> tuple[str | None, int]:
+    status = response.status_code
+    if status in REDIRECT_STATUSES:
+        location = response.headers.get("Location")
+        if not location:
+            raise FetchError(f"{host} answered a redirect (HTTP {status}) without a Location", status=status)
+        return location, 0
+    if not 200 <= status < 300:
+        raise FetchError(_status_message(host, status, response.reason_phrase), status=status)
+    length = response.headers.get("Content-Length", "")
+    declared = int(length) if length.isascii() and length.isdigit() else None
+    if declared is not None and declared > max_bytes:
+        raise _too_large(host, max_bytes, declared, status=status)
+    error = None
     try:
-        value = int(raw)
-    except ValueError:
-        return None
-    return value if value >= 0 else None
+        total = copy_capped(response.iter_raw(), dest, max_bytes=max_bytes, deadline=deadline, source=host)
+        if declared is None or total >= declared:  # (h11 stops at the declared length: never more)
+            return None, total
+    except httpx.RemoteProtocolError as exc:  # h11: the connection ended before the body did
+        error = exc
+    of = f" of {declared} bytes" if declared is not None else ""
+    raise FetchError(f"{host} closed the connection before sending the whole body{of}", status=status) from error
+
+
+def _verify() -> ssl.SSLContext:
+    """The deployer's CA bundle, named in the environment as requests, curl and OpenSSL read it."""
+    names = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+    return _ssl_context(next((os.environ[n] for n in names if os.environ.get(n)), None))
+
+
+@functools.lru_cache(maxsize=4)
+def _ssl_context(bundle: str | None) -> ssl.SSLContext:
+    """One context per bundle path, read once: loading a bundle takes ~0.2 s, too long for every request."""
+    if bundle is None:
+        return httpx.create_ssl_context(trust_env=False)  # certifi's bundle
+    if os.path.isdir(bundle):
+        return ssl.create_default_context(capath=bundle)
+    return ssl.create_default_context(cafile=bundle)
 
 
 def _status_message(host: str, status: int, reason: str | None) -> str:
@@ -283,26 +332,26 @@ def _status_message(host: str, status: int, reason: str | None) -> str:
     return message
 
 
-def _too_slow(deadline_s: float, host: str | None) -> FetchError:
-    return FetchError(f"the download from {host} took longer than {deadline_s:g} s and was abandoned")
-
-
 def _describe(exc: BaseException | None) -> str:
     """A short, caller-safe description of a transport error (no stack, no URL)."""
     if exc is None:
         return "no address to connect to"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
     text = str(exc)
-    for needle, said in (("Connection refused", "connection refused"), ("Name or service not known", "unknown host"),
-                         ("doesn't match", "the TLS certificate is not for this host"),
+    for needle, said in (("Connection refused", "connection refused"),
                          ("Hostname mismatch", "the TLS certificate is not for this host"),
                          ("CERTIFICATE_VERIFY_FAILED", "TLS certificate verification failed"),
-                         ("IncompleteRead", "connection closed before the whole body arrived"),
-                         ("Connection broken", "connection closed before the whole body arrived"),
-                         ("Connection reset", "connection reset"), ("Network is unreachable", "network unreachable"),
-                         ("timed out", "timed out")):
+                         ("without sending a response", "the server closed the connection without answering"),
+                         ("Connection reset", "connection reset"), ("Network is unreachable", "network unreachable")):
         if needle in text:
             return said
-    return type(exc).__name__
+    return "not a valid HTTP answer" if isinstance(exc, httpx.RemoteProtocolError) else type(exc).__name__
+
+
+def _too_large(source: str, limit: int, size: int | None = None, *, status: int | None = None) -> FetchError:
+    said = _sizes(size, limit) if size is not None else f"larger than the {_human(limit)}"
+    return FetchError(f"the file from {source} is {said} allowed", kind="refused", status=status)
 
 
 def _sizes(size: int, limit: int) -> str:
@@ -319,106 +368,39 @@ def _human(n: int) -> str:
     return f"{n} bytes"
 
 
-class _Watchdog:
-    """The overall deadline: when it passes, every socket the fetch opened is shut down.
-
-    Per-socket timeouts only bound each wait; a server that sends a byte just before each one
-    expires would otherwise hold the fetch (and its thread) for as long as it likes.
-    """
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-        self.expires = time.monotonic() + seconds
-        self.expired = False
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._timer = threading.Timer(max(0.0, seconds), self._expire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def remaining(self) -> float:
-        return self.expires - time.monotonic()
-
-    def track(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self.expired:
-                _shutdown(sock)
-            else:
-                self._sockets.append(sock)
-
-    def cancel(self) -> None:
-        self._timer.cancel()
-        with self._lock:
-            self._sockets.clear()
-
-    def _expire(self) -> None:
-        with self._lock:
-            self.expired = True
-            for sock in self._sockets:
-                _shutdown(sock)
+# -- local files -----------------------------------------------------------------------------------
 
 
-def _shutdown(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in recv; close() alone would not
-    except OSError:
-        pass
+def _local_path(source: str | os.PathLike) -> Path:
+    text = os.fspath(source)
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "file":
+        return Path(text).expanduser()
+    if parts.netloc not in ("", "localhost"):
+        raise FetchError(f"file:// URLs must name a file on this machine, not on {parts.netloc}", kind="refused")
+    return Path(url2pathname(parts.path))  # url2pathname also undoes the %-escapes
 
 
-_adapter_class = None
+def _read_chunks(file: BinaryIO, path: Path) -> Iterator[bytes]:
+    """The file's chunks; a read error becomes a FetchError (a write error in copy_capped stays an OSError)."""
+    while True:
+        try:
+            chunk = file.read(CHUNK_BYTES)
+        except OSError as exc:
+            raise _unreadable(path, exc) from exc
+        if not chunk:
+            return
+        yield chunk
 
 
-def _pinned_adapter(pinned_ip: str, watchdog: _Watchdog):
-    """rp_ssrf's PinnedIPAdapter, whose connections also report their sockets to the watchdog."""
-    global _adapter_class
-    if _adapter_class is None:
-        from runpod.serverless.utils.rp_ssrf import PinnedIPAdapter
-
-        class TrackedPinnedAdapter(PinnedIPAdapter):
-            def __init__(self, pinned_ip: str, watchdog: _Watchdog, **kwargs):
-                self._watchdog = watchdog
-                super().__init__(pinned_ip, **kwargs)
-
-            def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
-                pool = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
-                return self._track(pool)
-
-            def get_connection(self, url, proxies=None):  # requests < 2.32
-                return self._track(super().get_connection(url, proxies=proxies))
-
-            def _track(self, pool):
-                pool.ConnectionCls = _tracked_connection_class(pool.ConnectionCls)
-                pool.conn_kw = {**(pool.conn_kw or {}), "on_socket": self._watchdog.track}
-                return pool
-
-        _adapter_class = TrackedPinnedAdapter
-    return _adapter_class(pinned_ip, watchdog)
-
-
-_connection_classes: dict[type, type] = {}
-_connection_classes_lock = threading.Lock()
-
-
-def _tracked_connection_class(base: type) -> type:
-    """A subclass of urllib3's connection class that hands each new raw socket to `on_socket`."""
-    if getattr(base, "_reports_sockets", False):
-        return base
-    with _connection_classes_lock:
-        if base not in _connection_classes:
-
-            def __init__(self, *args, on_socket=None, **kwargs):
-                self._on_socket = on_socket
-                base.__init__(self, *args, **kwargs)
-
-            def _new_conn(self):  # urllib3's raw-socket factory, called before any TLS handshake
-                sock = base._new_conn(self)
-                if self._on_socket is not None:
-                    self._on_socket(sock)
-                return sock
-
-            _connection_classes[base] = type(f"Tracked{base.__name__}", (base,), {
-                "__init__": __init__, "_new_conn": _new_conn, "_reports_sockets": True})
-        return _connection_classes[base]
+def _unreadable(path: Path, exc: OSError) -> FetchError:
+    if isinstance(exc, FileNotFoundError):
+        return FetchError(f"no such file: {path}")
+    if isinstance(exc, IsADirectoryError):
+        return FetchError(f"{path} is a directory, not a file")
+    if isinstance(exc, PermissionError):
+        return FetchError(f"cannot read {path}: permission denied")
+    return FetchError(f"cannot read {path}: {exc.strerror or type(exc).__name__}")
 
 
 # -- s3 --------------------------------------------------------------------------------------------
@@ -433,9 +415,8 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _fetch_s3(url: str, dest: BinaryIO, client, *, max_bytes: int, deadline: float, deadline_s: float) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError
-    from urllib3.exceptions import HTTPError as Urllib3Error
+def _fetch_s3(url: str, dest: BinaryIO, client, *, max_bytes: int, deadline: Deadline) -> int:
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     bucket, key = parse_s3_url(url)
     where = f"s3://{bucket}/{key}"
@@ -443,21 +424,14 @@ def _fetch_s3(url: str, dest: BinaryIO, client, *, max_bytes: int, deadline: flo
         head = client.head_object(Bucket=bucket, Key=key)
         size = int(head["ContentLength"])
         if size > max_bytes:
-            raise FetchError(f"{where} is {_sizes(size, max_bytes)} allowed", kind="refused")
+            raise _too_large(where, max_bytes, size)
         extra = {"IfMatch": head["ETag"]} if head.get("ETag") else {}  # the object we sized, not a newer one
         body = client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
-        total = 0
-        try:
-            for chunk in body.iter_chunks(CHUNK_BYTES):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise FetchError(f"{where} is larger than the {_human(max_bytes)} allowed", kind="refused")
-                if time.monotonic() > deadline:
-                    raise FetchError(f"the download of {where} took longer than {deadline_s:g} s and was abandoned")
-                dest.write(chunk)
+        try:  # botocore turns urllib3's read errors into BotoCoreError subclasses
+            return copy_capped(body.iter_chunks(CHUNK_BYTES), dest, max_bytes=max_bytes, deadline=deadline,
+                               source=where)
         finally:
             body.close()
-        return total
     except ClientError as exc:
         error = exc.response.get("Error", {})
         code = str(error.get("Code", "error"))
@@ -468,8 +442,6 @@ def _fetch_s3(url: str, dest: BinaryIO, client, *, max_bytes: int, deadline: flo
                 "412": "changed while being downloaded", "PreconditionFailed": "changed while being downloaded",
                 }.get(code, code)
         raise FetchError(f"{where}: {said}", status=status) from exc
-    except (BotoCoreError, Urllib3Error) as exc:
-        from botocore.exceptions import NoCredentialsError
-
+    except BotoCoreError as exc:
         said = "no AWS credentials configured" if isinstance(exc, NoCredentialsError) else type(exc).__name__
         raise FetchError(f"{where}: {said}") from exc

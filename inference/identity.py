@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from inference.quiet import quiet_libraries
+
 TINY_CLIP = dict(
     image_size=32, patch_size=8, num_channels=3, hidden_size=32, intermediate_size=64,
     num_hidden_layers=2, num_attention_heads=4, projection_dim=16,
@@ -60,9 +62,7 @@ class IdentityScorer:
     caller's lock or from several threads (the model is only read, in inference mode)."""
 
     def __init__(self, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # as the Engine does: no bars in service logs
+        quiet_libraries(diffusers=False)
         self.model_id = model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -94,6 +94,7 @@ class IdentityScorer:
 def write_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
     """A random-weight CLIP vision model with projection and its image processor, saved in the
     `from_pretrained` layout: the identity score's stand-in for tests (32x32 input, ~50k parameters)."""
+    quiet_libraries(diffusers=False)
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     directory = Path(directory)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import secrets
 import time
 from pathlib import Path
 
@@ -54,13 +55,14 @@ def run_demo(out_dir: Path) -> Path:
           f"({time.perf_counter() - started:.1f} s, {CACHE})")
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A key for this run only: the demo exercises the bearer check as a deployment would.
     settings = Settings(model=str(model), device="cpu", allow_private_urls=True, lora_cache_dir=out_dir / "lora-cache",
-                        identity_model=str(clip))
+                        identity_model=str(clip), api_key=secrets.token_urlsafe(16))
     with LocalFileServer(files) as files_url, LocalServer(create_app(settings), wait_ready=True) as base:
-        return _run_job(base, files, files_url, out_dir)
+        return _run_job(base, settings.api_key, files, files_url, out_dir)
 
 
-def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
+def _run_job(base: str, api_key: str, files: Path, files_url: str, out_dir: Path) -> Path:
     from PIL import Image
 
     from sdxl_lora_client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
@@ -79,7 +81,7 @@ def _run_job(base: str, files: Path, files_url: str, out_dir: Path) -> Path:
     store.create_job("demo-job")
     clip = ClipPrompt("clip-1", "a person waves at the camera", [f"{files_url}/reference.png"],
                       [f"{files_url}/scene.png"])
-    backend = ServiceBackend(base)
+    backend = ServiceBackend(base, api_key=api_key)
     options = EnhanceOptions(num_inference_steps=8, strength=0.6, min_identity_score=0.5)
     applicator = LoraApplicator(store, backend, options=options)
     job_started = time.perf_counter()

@@ -117,3 +117,13 @@ def test_the_client_imports_only_its_three_dependencies_and_the_standard_library
             if top and top not in sys.stdlib_module_names and top != "sdxl_lora_client" and top != "__future__":
                 third_party.add(top)
     assert third_party <= CLIENT_THIRD_PARTY, f"the client imports {sorted(third_party - CLIENT_THIRD_PARTY)}"
+
+
+def test_the_contract_imports_pydantic_alone():
+    """The service imports the wire contract; that must not pull in the client's HTTP and SQL layers."""
+    import subprocess
+
+    code = ("import sys, sdxl_lora_client.contract; loaded = {m.split('.')[0] for m in sys.modules}; "
+            "extra = loaded & {'sqlalchemy', 'httpx', 'torch', 'fastapi'}; assert not extra, extra; "
+            "from sdxl_lora_client import SqlStore, AsyncLoraApplicator")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -387,7 +387,7 @@ def base_weights(engine) -> dict[str, torch.Tensor]:
 def test_fused_loras_match_hand_merged_weights(fused_engine, store, tiny_model, make_lora):
     a, b = make_lora(seed=1, text_encoders=True), make_lora(seed=2)
     got = render(fused_engine, store, [(a, 0.7), (b, 0.5)])
-    assert fused_engine.adapters._saved_weights, "the active adapters should be merged into the weights"
+    assert fused_engine.adapters.fusing.merged, "the active adapters should be merged into the weights"
     assert max_diff(got, reference_image(tiny_model, [(a, 0.7), (b, 0.5)])) <= 2
     assert np.abs(got - render(fused_engine, store)).mean() > 3
 

@@ -2,19 +2,46 @@
 
 `LoraApplicator` / `AsyncLoraApplicator` apply a character LoRA to a video job; `contract` holds
 the service's request/response models and error codes.
+
+The names below load on first use (PEP 562), so the service can import `sdxl_lora_client.contract`
+(pydantic only) without the applicator, its HTTP clients and SQLAlchemy.
 """
 
-from sdxl_lora_client.applicator import (
-    ApplyResult, AsyncLoraApplicator, ClipPrompt, EnhanceOptions, LoraApplicator, Pricing,
-)
-from sdxl_lora_client.backends import BackendError, RunPodBackend, ServiceBackend
-from sdxl_lora_client.compat import VideoModel, load_matrix
-from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse
-from sdxl_lora_client.replicate import ReplicateClient
-from sdxl_lora_client.store import LoraRecord, SqlStore
+from __future__ import annotations
 
-__all__ = [
-    "ApplyResult", "AsyncLoraApplicator", "BackendError", "ClipPrompt", "EnhanceOptions", "ErrorCode",
-    "GenerateRequest", "GenerateResponse", "LoraApplicator", "LoraRecord", "Pricing", "ReplicateClient",
-    "RunPodBackend", "ServiceBackend", "SqlStore", "VideoModel", "load_matrix",
-]
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "ApplyResult": "applicator", "AsyncLoraApplicator": "applicator", "ClipPrompt": "applicator",
+    "EnhanceOptions": "applicator", "LoraApplicator": "applicator", "Pricing": "applicator",
+    "BackendError": "backends", "RunPodBackend": "backends", "ServiceBackend": "backends",
+    "VideoModel": "compat", "load_matrix": "compat",
+    "ErrorCode": "contract", "GenerateRequest": "contract", "GenerateResponse": "contract",
+    "ReplicateClient": "replicate",
+    "LoraRecord": "store", "SqlStore": "store",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from sdxl_lora_client.applicator import (
+        ApplyResult, AsyncLoraApplicator, ClipPrompt, EnhanceOptions, LoraApplicator, Pricing,
+    )
+    from sdxl_lora_client.backends import BackendError, RunPodBackend, ServiceBackend
+    from sdxl_lora_client.compat import VideoModel, load_matrix
+    from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse
+    from sdxl_lora_client.replicate import ReplicateClient
+    from sdxl_lora_client.store import LoraRecord, SqlStore
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sdxl_lora_client' has no attribute {name!r}")
+    value = getattr(import_module(f"sdxl_lora_client.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

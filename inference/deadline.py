@@ -1,0 +1,19 @@
+"""A point in time that several steps share: a whole request's deadline (REQUEST_TIMEOUT_S), or
+one download's. On the monotonic clock, so wall-clock jumps move nothing."""
+
+from __future__ import annotations
+
+import time
+
+
+class Deadline:
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.at - time.monotonic()
+
+    @property
+    def expired(self) -> bool:
+        return self.remaining() <= 0

@@ -1,0 +1,81 @@
+"""Every call into PEFT's and diffusers' private or undocumented API, in one place.
+
+The adapter cache needs a few things the public API does not offer: the LoraConfig diffusers
+builds for a file (to hot-swap without re-reading it), PEFT's rank/alpha pattern resolution, the
+per-adapter rank/alpha/scaling dicts of a LoRA layer (written after an in-place swap), the
+`_pipeline` argument of diffusers' component loaders, and a merged layer's bookkeeping. Each is
+wrapped here so an upgrade has one file to re-check; `tests/test_peft_internals.py` pins the
+versions they were checked against and exercises each wrapper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CHECKED_VERSIONS = {"diffusers": "0.42.1", "peft": "0.21.2"}
+
+
+def lora_config_for(state_dict: dict[str, torch.Tensor], network_alphas: dict | None, metadata: dict | None,
+                    ranks: dict[str, int]) -> Any:
+    """The peft.LoraConfig diffusers' `load_lora_into_unet` would build for these PEFT-keyed tensors."""
+    from diffusers.utils.peft_utils import _create_lora_config
+
+    return _create_lora_config(state_dict, network_alphas, metadata, ranks)
+
+
+def rank_and_alpha(config: Any, module_path: str) -> tuple[int, float]:
+    """The rank and alpha PEFT gives `module_path` when it injects `config` (its pattern rules)."""
+    from peft.utils.other import get_pattern_key
+
+    rank = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module_path), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module_path), config.lora_alpha)
+    return rank, alpha
+
+
+def hotswap_refusal(old_config: Any, new_config: Any) -> str | None:
+    """Why PEFT would refuse to hot-swap `new_config` into an adapter made with `old_config`, or None."""
+    from peft.utils.hotswap import check_hotswap_configs_compatible
+
+    try:
+        check_hotswap_configs_compatible(old_config, new_config)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def load_into_pipeline(pipe, state_dict: dict[str, torch.Tensor], *, adapter_name: str, network_alphas: dict | None,
+                       metadata: dict | None, hotswap: bool = False) -> None:
+    """diffusers' `load_lora_weights` after its own file read and conversion: the components the
+    tensors touch, each through its loader (`_pipeline` lets them see the pipeline's hooks)."""
+    common = dict(network_alphas=network_alphas, adapter_name=adapter_name, metadata=metadata, _pipeline=pipe,
+                  low_cpu_mem_usage=True, hotswap=hotswap)
+    present = {key.split(".", 1)[0] for key in state_dict}
+    if "unet" in present:
+        pipe.load_lora_into_unet(state_dict, unet=pipe.unet, **common)
+    for prefix, encoder in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
+        if prefix in present:
+            pipe.load_lora_into_text_encoder(state_dict, text_encoder=encoder, prefix=prefix,
+                                             lora_scale=pipe.lora_scale, **common)
+
+
+def set_rank_alpha(layer, adapter_name: str, rank: int, alpha: float, scaling: float) -> None:
+    """Give adapter `adapter_name` of a PEFT LoRA layer its own rank, alpha and scaling: PEFT keeps
+    them in per-adapter dicts and recomputes scaling from alpha and rank in `set_scale`."""
+    layer.r[adapter_name] = rank
+    layer.lora_alpha[adapter_name] = alpha
+    layer.scaling[adapter_name] = scaling
+
+
+def alpha_for_scaling(layer, adapter_name: str, scaling: float) -> float:
+    """The alpha that makes `set_scale` give back `scaling` with this layer's rank (rsLoRA or not)."""
+    rank = layer.r[adapter_name]
+    return scaling * (rank**0.5 if layer.use_rslora[adapter_name] else rank)
+
+
+def restore_base_weight(layer, weight: torch.Tensor) -> None:
+    """Put a merged layer's saved base weight back and mark it unmerged (PEFT's own unmerge subtracts,
+    which is not exact in floating point)."""
+    layer.get_base_layer().weight.data.copy_(weight)
+    layer.merged_adapters.clear()
