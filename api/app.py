@@ -30,20 +30,24 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import Metrics
 from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
-from inference.errors import HTTP_STATUS, ErrorCode, ServiceError
+from inference.deadline import Deadline
+from inference.errors import HTTP_STATUS, ErrorCode, RequestCancelled, ServiceError
 from inference.settings import Settings
 
 log = logging.getLogger("sdxl_lora.api")
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (401, 422, 424, 429, 500, 502, 503)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (422, 424, 429, 500, 502, 503, 504)}
 # The largest body a valid request can have: the schema's cap on `image` (a data: URI) plus room for
 # the rest. Anything larger is refused before it is read, so a huge body cannot exhaust memory.
 MAX_BODY_BYTES = 65 * 1024**2
 DRAIN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+DISCONNECT_POLL_S = 0.2  # how often a running request looks whether its client is still there
+DEADLINE_SLACK_S = 2.0  # past the deadline, how long the app waits for the generation to stop itself
 
 
 def create_app(settings: Settings | None = None, service=None, grace_s: float | None = None) -> FastAPI:
@@ -72,36 +76,12 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
                   description="SDXL + LoRA character reference images. Errors: `{error: {code, message}}`.")
     app.state.service_state = state
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    bearer = HTTPBearer(auto_error=False)
+    # Bearer auth only when a key is set: then OpenAPI advertises it, and a keyless dev server's
+    # schema does not claim a security scheme it never checks.
+    auth = [Depends(_bearer_check(settings.api_key))] if settings.api_key else []
+    auth_errors = {401: {"model": ErrorResponse}} if settings.api_key else {}
 
-    def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
-        if not settings.api_key:
-            return
-        given = credentials.credentials if credentials else ""
-        if not secrets.compare_digest(given.encode(), settings.api_key.encode()):
-            raise ServiceError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
-
-    @app.middleware("http")
-    async def request_log(request: Request, call_next):
-        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex[:16]
-        request.state.request_id = request_id
-        started = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception:  # reaches here past the handlers: answer it in the contract anyway
-            log.exception("unhandled error in %s", request.url.path)
-            response = JSONResponse({"error": {"code": "internal", "message": "internal error"}},
-                                    status_code=500, headers={"x-error-code": "internal"})
-        elapsed = time.perf_counter() - started
-        route = request.scope.get("route")
-        path = route.path if route is not None else "unmatched"
-        code = response.headers.get("x-error-code", "")
-        metrics.requests.labels(route=path, status=str(response.status_code), code=code).inc()
-        metrics.latency.labels(route=path).observe(elapsed)
-        response.headers["x-request-id"] = request_id
-        log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
-                             "status": response.status_code, "error": code or None, "ms": round(elapsed * 1e3, 1)}))
-        return response
+    app.add_middleware(RequestLog, metrics=metrics)  # outermost: sees every answer, BodyLimit's too
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
@@ -109,6 +89,13 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
         if exc.code == ErrorCode.BUSY:
             headers["retry-after"] = str(state.retry_after_s())
         return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+
+    @app.exception_handler(RequestCancelled)
+    async def cancelled(request: Request, exc: RequestCancelled):
+        # Nobody reads this answer (the client is gone); 499, nginx's "client closed request",
+        # keeps such requests apart in the logs and metrics.
+        return JSONResponse({"error": {"code": "internal", "message": str(exc)}}, status_code=499,
+                            headers={"x-error-code": "client_closed"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
@@ -127,9 +114,9 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
                             status_code=status, headers={"x-error-code": code.value, **(exc.headers or {})})
 
     @app.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)])
-    async def generate(body: GenerateRequest) -> GenerateResponse:
-        return await state.run(body)
+              responses={**ERROR_RESPONSES, **auth_errors}, dependencies=auth)
+    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+        return await state.run(body, request)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -143,7 +130,7 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
             return JSONResponse({"error": {"code": "internal", "message": state.load_error}}, status_code=503)
         if not state.service or not state.service.ready:
             return JSONResponse({"error": {"code": "busy", "message": "pipeline loading"}}, status_code=503)
-        return {"status": "ready", "model": state.service.model_info().model_dump()}
+        return {"status": "ready", **state.service.status()}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
@@ -151,14 +138,71 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
             metrics.resident_adapters.set(len(state.service.engine.adapters.resident()))
         return PlainTextResponse(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/adapters", dependencies=[Depends(require_api_key)],
-             responses={status: {"model": ErrorResponse} for status in (401, 429)})
+    @app.get("/v1/adapters", dependencies=auth, responses={429: {"model": ErrorResponse}, **auth_errors})
     async def adapters() -> dict:
         if not state.service:
             raise ServiceError(ErrorCode.BUSY, "the service is still starting")
         return state.service.adapters()
 
     return app
+
+
+class RequestLog:
+    """ASGI middleware: a request id, one JSON log line and the request metrics per HTTP request; an
+    exception no handler answered becomes the contract's `internal` 500.
+
+    Plain ASGI, not Starlette's BaseHTTPMiddleware: that one hides the client's disconnect from the
+    endpoint, and a request whose client hung up must stop its generation.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        answer = {"status": 500, "code": "internal", "sent": False}
+
+        async def send_with_id(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers["x-request-id"] = request_id
+                answer.update(status=message["status"], code=headers.get("x-error-code", ""), sent=True)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # past every handler: answer it in the contract anyway
+            log.exception("unhandled error in %s", scope.get("path"))
+            if not answer["sent"]:
+                response = JSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500,
+                                        headers={"x-error-code": "internal"})
+                await response(scope, receive, send_with_id)
+        finally:
+            elapsed = time.perf_counter() - started
+            route = scope.get("route")
+            path = route.path if route is not None else "unmatched"
+            self.metrics.requests.labels(route=path, status=str(answer["status"]), code=answer["code"]).inc()
+            self.metrics.latency.labels(route=path).observe(elapsed)
+            log.info(json.dumps({"request_id": request_id, "method": scope.get("method"), "path": scope.get("path"),
+                                 "status": answer["status"], "error": answer["code"] or None,
+                                 "ms": round(elapsed * 1e3, 1)}))
+
+
+def _bearer_check(api_key: str):
+    """A dependency that refuses a request without `Authorization: Bearer <api_key>` (constant time)."""
+    bearer = HTTPBearer(auto_error=False)
+
+    def require_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = credentials.credentials if credentials else ""
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            raise ServiceError(ErrorCode.UNAUTHORIZED, "missing or wrong bearer token")
+
+    return require_api_key
 
 
 class _BodyTooLarge(Exception):
@@ -228,9 +272,12 @@ def _chain_signals(on_signal) -> dict:
 
 
 class _Ticket:
-    """One admitted request: whether it holds the pipeline's turn, or was answered busy while waiting."""
+    """One admitted request: its deadline, whether it holds the pipeline's turn or was answered busy
+    while waiting, and the event that stops it when its client hangs up."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+        self.cancel = threading.Event()
         self.lock = threading.Lock()
         self.started = False
         self.abandoned = False
@@ -302,7 +349,8 @@ class _State:
 
     # -- one request ---------------------------------------------------------------------------
 
-    async def run(self, body: GenerateRequest) -> GenerateResponse:
+    async def run(self, body: GenerateRequest, request: Request) -> GenerateResponse:
+        deadline = Deadline(self.settings.request_timeout_s)  # from arrival: waiting for the GPU counts
         if self.draining:
             raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
         if self.service is None or not self.service.ready:
@@ -311,29 +359,58 @@ class _State:
             raise ServiceError(ErrorCode.BUSY, f"queue full ({self.settings.queue_max} waiting)")
         self.in_flight += 1
         self.metrics.queue_depth.set(max(0, self.in_flight - 1))
-        ticket = _Ticket()
+        ticket = _Ticket(deadline)
         try:
-            loop = asyncio.get_running_loop()
-            future = loop.run_in_executor(self.executor, self._generate, body, ticket)
-            drain_over = asyncio.ensure_future(self._drain_event().wait())
-            try:
-                await asyncio.wait({future, drain_over}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                drain_over.cancel()
-            if not future.done():  # the grace period is over and this request may still be waiting
-                with ticket.lock:
-                    if not ticket.started:
-                        ticket.abandoned = True
-                if ticket.abandoned:
-                    future.add_done_callback(_discard)  # the thread sees `abandoned` and stops before generating
-                    raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
-            response = await future  # running: let it finish
+            future = asyncio.get_running_loop().run_in_executor(self.executor, self._generate, body, ticket)
+            await self._watch(future, ticket, request)
+            response = await future
+        except RequestCancelled:
+            self.metrics.interrupted.labels(reason="disconnect").inc()
+            raise
+        except ServiceError as exc:
+            if exc.code == ErrorCode.TIMEOUT:
+                self.metrics.interrupted.labels(reason="timeout").inc()
+            raise
         finally:
             self.in_flight -= 1
             self.metrics.queue_depth.set(max(0, self.in_flight - 1))
         self.metrics.observe(response)
         self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * response.timings_ms.total / 1e3
         return response
+
+    async def _watch(self, future, ticket: _Ticket, request: Request) -> None:
+        """Wait for `future` while watching the client, the deadline and the drain.
+
+        A client that hangs up cancels its request (the generation stops at its next step); past
+        the deadline plus a little slack (the thread stops itself at the deadline, this is for a
+        step that never ends) the answer is `timeout`; when the drain's grace period ends, a request
+        still only waiting is answered `busy`.
+        """
+        drain_over = asyncio.ensure_future(self._drain_event().wait())
+        try:
+            while not future.done():
+                await asyncio.wait({future, drain_over}, timeout=DISCONNECT_POLL_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if future.done():
+                    return
+                if await request.is_disconnected():
+                    ticket.cancel.set()
+                    future.add_done_callback(_discard)
+                    raise RequestCancelled("the client hung up")
+                if ticket.deadline.remaining() < -DEADLINE_SLACK_S:
+                    ticket.cancel.set()
+                    future.add_done_callback(_discard)
+                    raise ServiceError(ErrorCode.TIMEOUT, f"the request ran past its {ticket.deadline.seconds:g} s "
+                                       "deadline (SDXL_LORA_REQUEST_TIMEOUT_S)")
+                if drain_over.done():
+                    with ticket.lock:
+                        if not ticket.started:
+                            ticket.abandoned = True
+                    if ticket.abandoned:
+                        future.add_done_callback(_discard)  # the thread sees `abandoned` and stops before generating
+                        raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+        finally:
+            drain_over.cancel()
 
     def _generate(self, body: GenerateRequest, ticket: _Ticket) -> GenerateResponse:
         """In a worker thread: the service's whole request, taking the pipeline's turn once the LoRAs
@@ -350,7 +427,7 @@ class _State:
                 holding = False
 
         try:
-            return self.service.generate(body, progress=progress)
+            return self.service.generate(body, progress=progress, deadline=ticket.deadline, cancel=ticket.cancel)
         finally:
             if holding:
                 self.turn.release()
@@ -359,6 +436,11 @@ class _State:
         while True:
             if ticket.abandoned or self._too_late_to_start():
                 raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+            if ticket.cancel.is_set():
+                raise RequestCancelled("the client hung up while the request waited for the pipeline")
+            if ticket.deadline.expired:
+                raise ServiceError(ErrorCode.TIMEOUT, f"the request waited for the pipeline past its "
+                                   f"{ticket.deadline.seconds:g} s deadline (SDXL_LORA_REQUEST_TIMEOUT_S)")
             if self.turn.acquire(timeout=0.05):
                 break
         with ticket.lock:

@@ -25,6 +25,9 @@ class Metrics:
         self.lora_source = Counter("sdxl_lora_adapter_requests", "LoRAs used, by where they were found",
                                    ["source"], registry=r)
         self.queue_depth = Gauge("sdxl_lora_queue_depth", "Requests waiting for the GPU", registry=r)
+        self.interrupted = Counter("sdxl_lora_interrupted", "Requests stopped before they finished, by reason "
+                                   "(timeout: past SDXL_LORA_REQUEST_TIMEOUT_S; disconnect: the client hung up)",
+                                   ["reason"], registry=r)
         self.resident_adapters = Gauge("sdxl_lora_resident_adapters", "Adapters resident in the pipeline", registry=r)
 
     def observe(self, response: GenerateResponse) -> None:

@@ -14,6 +14,7 @@ copied, by reading them, into fixed names under a fresh directory. Links, device
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tarfile
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from inference.errors import ErrorCode, ServiceError
+from inference.integrity import read_verified
 
 LORA_FILE = "lora.safetensors"
 EMBEDDINGS_FILE = "embeddings.pti"
@@ -45,14 +47,15 @@ def looks_like_tar(path: Path) -> bool:
     return head[257:262] == b"ustar" or head[:2] == b"\x1f\x8b"
 
 
-def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> None:
+def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> dict[str, str]:
     """Copy the bundle's known files from `archive` into the new directory `dest`; refuse anything odd.
 
+    Returns each copied file's sha256 (hashed while copying: the cache checks them on every read).
     Raises ServiceError(lora_invalid). `dest` must not exist; on failure the caller removes it.
     """
     dest.mkdir()
     total = 0
-    found: set[str] = set()
+    found: dict[str, str] = {}
     full_unet = False
     try:
         tar = tarfile.open(archive, mode="r:*")
@@ -74,11 +77,10 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> None:
                     continue  # logs, samples, configs: not needed to apply the LoRA
                 if base in found:
                     raise invalid(f"{base} appears twice")
-                found.add(base)
                 total += member.size
                 if total > max_bytes:
                     raise invalid(f"unpacks to more than {max_bytes} bytes")
-                _copy_member(tar, member, dest / base, max_bytes)
+                found[base] = _copy_member(tar, member, dest / base, max_bytes)
         except (tarfile.TarError, EOFError, OSError, ValueError, *DECOMPRESSION_ERRORS) as exc:
             if isinstance(exc, OSError) and exc.errno is not None:
                 raise  # disk full, permissions: not the bundle's fault
@@ -86,6 +88,7 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> None:
     if LORA_FILE not in found:
         kind = "a full fine-tune (unet.safetensors), not a LoRA" if full_unet else "nothing to load"
         raise invalid(f"no {LORA_FILE} in the archive: {kind}")
+    return found
 
 
 def _members(tar: tarfile.TarFile):
@@ -102,17 +105,21 @@ def _checked_name(member: tarfile.TarInfo) -> str:
     return name
 
 
-def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, max_bytes: int) -> None:
+def _copy_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, max_bytes: int) -> str:
+    """Copy one member to `target`; return its sha256."""
     source = tar.extractfile(member)
     if source is None:
         raise invalid(f"member {member.name!r} has no data")
     written = 0
+    digest = hashlib.sha256()
     with source, open(target, "xb") as out:
         while chunk := source.read(1 << 20):
             written += len(chunk)
             if written > member.size or written > max_bytes:
                 raise invalid(f"member {member.name!r} holds more data than its header says")
+            digest.update(chunk)
             out.write(chunk)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -169,10 +176,10 @@ def _read_substitutions(path: Path, tokens: tuple[str, ...]) -> tuple[tuple[str,
     return tuple(params.items())
 
 
-def load_embedding_rows(embeddings: Path) -> list:
-    """The (tokens, width) tensors for text_encoder and text_encoder_2, in that order."""
-    from safetensors import safe_open
+def load_embedding_rows(embeddings: Path, expected_sha256: str | None = None) -> list:
+    """The (tokens, width) tensors for text_encoder and text_encoder_2, in that order (the file's
+    sha256 checked first: `CorruptEntry` on a mismatch)."""
+    from safetensors.torch import load
 
-    with safe_open(str(embeddings), framework="pt") as f:
-        keys = set(f.keys())
-        return [f.get_tensor(next(k for k in names if k in keys)) for names in EMBEDDING_KEYS]
+    tensors = load(read_verified(embeddings, expected_sha256))
+    return [tensors[next(k for k in names if k in tensors)] for names in EMBEDDING_KEYS]

@@ -5,7 +5,7 @@ Every failure the service answers is a ServiceError; anything else is reported a
 
 from sdxl_lora_client.contract import HTTP_STATUS, ErrorCode
 
-__all__ = ["HTTP_STATUS", "ErrorCode", "ServiceError"]
+__all__ = ["HTTP_STATUS", "ErrorCode", "RequestCancelled", "ServiceError"]
 
 
 class ServiceError(Exception):
@@ -15,6 +15,7 @@ class ServiceError(Exception):
         super().__init__(message)
         self.code = ErrorCode(code)
         self.message = message
+        self.lora = None  # the LoRA file at fault, when the adapter cache knows it (the service evicts it)
 
     @property
     def http_status(self) -> int:
@@ -25,3 +26,7 @@ class ServiceError(Exception):
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.value!r}, {self.message!r})"
+
+
+class RequestCancelled(Exception):
+    """The caller went away (a client hung up): the work stopped and nobody waits for an answer."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from inference.errors import ErrorCode, ServiceError
+from inference.integrity import read_verified
 
 log = logging.getLogger(__name__)
 
@@ -56,31 +57,36 @@ def incompatible(message: str) -> ServiceError:
     return ServiceError(ErrorCode.LORA_INCOMPATIBLE, message)
 
 
-def read_lora(pipe, path: Path) -> LoraWeights:
-    """Read `path` once and convert it as `load_lora_weights` would (kohya/A1111 keys included).
+def read_lora(pipe, path: Path, expected_sha256: str | None = None) -> LoraWeights:
+    """Read `path` once, check its sha256 (`CorruptEntry` on a mismatch), and convert it as
+    `load_lora_weights` would (kohya/A1111 keys included).
 
     cog-sdxl (Replicate) saves UNet attention-processor keys without the ``unet.`` prefix that
     diffusers' loaders select by; they get it here.
     """
-    from safetensors import safe_open
+    from safetensors.torch import load
 
+    data = read_verified(path, expected_sha256)  # FileNotFoundError: evicted by another worker
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = {key: f.get_tensor(key) for key in f.keys()}
-            header = f.metadata() or {}
-    except FileNotFoundError:
-        raise
+        raw = load(data)
+        header = _safetensors_metadata(data)
     except Exception as exc:
-        raise ServiceError(ErrorCode.LORA_INVALID, f"cannot read {path.name}: {str(exc)[:300]}") from exc
+        raise ServiceError(ErrorCode.LORA_INVALID, f"not a readable safetensors LoRA: {str(exc)[:300]}") from exc
     try:
         metadata = json.loads(header[METADATA_KEY]) if header.get(METADATA_KEY) else None
         state_dict, alphas, _ = pipe.lora_state_dict(raw, unet_config=pipe.unet.config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... on layouts it cannot convert
-        raise _conversion_error(path, exc) from exc
+        raise _conversion_error(exc) from exc
     state_dict, alphas = fold_alphas(state_dict, alphas)
     if state_dict and all(k.split(".", 1)[0] in UNET_BLOCKS for k in state_dict):
         state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
     return LoraWeights(state_dict, alphas, metadata)
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
 def fold_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None):
@@ -105,11 +111,6 @@ def fold_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | 
     for up, factor in pairs.items():
         folded[up] = state_dict[up] * factor
     return folded, None
-
-
-def check_lora_file(pipe, path: Path) -> LoraSummary:
-    """Raise lora_incompatible (or lora_invalid) unless the file applies cleanly to `pipe`."""
-    return check_lora_weights(pipe, read_lora(pipe, path).state_dict)
 
 
 def check_lora_weights(pipe, state_dict: dict[str, torch.Tensor]) -> LoraSummary:
@@ -150,13 +151,13 @@ def check_lora_weights(pipe, state_dict: dict[str, torch.Tensor]) -> LoraSummary
     return LoraSummary(layers=layers, ranks=tuple(sorted(ranks)), modules=frozenset(modules))
 
 
-def _conversion_error(path: Path, exc: Exception) -> ServiceError:
+def _conversion_error(exc: Exception) -> ServiceError:
     text = str(exc)
     if "correctly renamed" in text or any(m in text for m in LYCORIS_MARKERS):
         return incompatible(f"unsupported LoRA layout (LyCORIS or another non-LoRA network?): {text[:300]}")
     if "lora" in text.lower() or isinstance(exc, (KeyError, ValueError, IndexError)):
         return incompatible(f"cannot map the file's keys onto SDXL: {text[:300]}")
-    return ServiceError(ErrorCode.LORA_INVALID, f"cannot read {path.name} as a LoRA: {text[:300]}")
+    return ServiceError(ErrorCode.LORA_INVALID, f"cannot read the file as a LoRA: {text[:300]}")
 
 
 def _check_component(component: str, model: torch.nn.Module, part: dict[str, torch.Tensor]) -> tuple[set[str], set[int]]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -39,16 +40,15 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-from urllib.parse import unquote, urlsplit
-from urllib.request import url2pathname
+from urllib.parse import urlsplit
 
 from inference.bundles import LORA_FILE as LORA_FILE_IN_BUNDLE
 from inference.bundles import BundleTokens, extract_bundle, looks_like_tar, read_bundle_tokens
 from inference.errors import ErrorCode, ServiceError
-from inference.fetch import FetchError, fetch_to_file, make_s3_client
+from inference.fetch import FetchError, fetch_to_file, make_s3_client, read_local
 
 if TYPE_CHECKING:
     from inference.settings import Settings
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 BUNDLE_SUFFIX = ".bundle"
-STALE_TMP_SECONDS = 3600
+CHECKSUMS_FILE = "checksums.json"  # in a bundle's directory: each extracted file's sha256
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 ID_HASH_HEX = 24  # 96 bits of sha256(raw id) in every slug
 LOCK_WAIT_MARGIN_S = 60.0
@@ -75,11 +75,18 @@ class LoraFile:
     size: int
     source: str  # "disk" (was cached) or "download" (fetched now)
     tokens: BundleTokens | None = None  # pivotal-tuning embeddings of a Replicate bundle
+    checksums: dict[str, str] = field(default_factory=dict, compare=False)  # file name -> sha256
 
     @property
     def entry(self) -> Path:
         """What the cache holds for this LoRA: the file, or a bundle's directory."""
         return self.path.parent if self.path.parent.name.endswith(BUNDLE_SUFFIX) else self.path
+
+    def expected_sha256(self, path: Path) -> str:
+        """What `path` (this LoRA's file, or a file of its bundle) must hash to when it is read.
+        "" (which nothing hashes to) for a file with no recorded checksum: a bundle cached before
+        checksums were kept is fetched again rather than trusted."""
+        return self.checksums.get(Path(path).name, "")
 
 
 def id_slug(lora_id: str) -> str:
@@ -129,10 +136,11 @@ class LoraStore:
         self._ids_dir = self.cache_dir / ".ids"
         for d in (self.cache_dir, self._tmp_dir, self._locks_dir, self._ids_dir):
             d.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=d).close()  # writable? (PermissionError now, not at the first download)
         self._guard = threading.Lock()
         self._slug_locks: dict[str, list] = {}  # slug -> [lock, number of threads using it]
         self._s3 = None
-        self._remove_stale_tmp()
+        self._sweep_partials()
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> LoraStore:
@@ -203,9 +211,10 @@ class LoraStore:
     def _load_entry(self, path: Path, lora_id: str, source: str = "disk") -> LoraFile:
         sha = _FILE_RE.fullmatch(path.name)["sha"]
         if path.name.endswith(BUNDLE_SUFFIX):
-            size = sum(p.stat().st_size for p in path.iterdir())
-            return LoraFile(lora_id, sha, path / LORA_FILE_IN_BUNDLE, size, source, read_bundle_tokens(path))
-        return LoraFile(lora_id, sha, path, path.stat().st_size, source)
+            size = sum(p.stat().st_size for p in path.iterdir() if p.name != CHECKSUMS_FILE)
+            return LoraFile(lora_id, sha, path / LORA_FILE_IN_BUNDLE, size, source, read_bundle_tokens(path),
+                            _read_checksums(path))
+        return LoraFile(lora_id, sha, path, path.stat().st_size, source, checksums={path.name: sha})
 
     def _evict(self, keep: Path) -> None:
         """Remove least recently used files until the cache fits `max_cache_bytes`; never `keep`."""
@@ -216,7 +225,7 @@ class LoraStore:
             except FileNotFoundError:
                 continue
             files.append((stat.st_mtime_ns, path.name, _entry_size(path), path))
-        total = sum(size for _, _, size, _ in files)
+        total = sum(size for _, _, size, _ in files) + self.partials()[1]  # downloads under way take room too
         for _, _, size, path in sorted(files):
             if total <= self.max_cache_bytes:
                 break
@@ -225,6 +234,12 @@ class LoraStore:
             self._remove_entry(path)
             total -= size
             log.info("evicted %s (%d bytes) from the LoRA disk cache", path.name, size)
+
+    def discard(self, lora: LoraFile) -> None:
+        """Remove `lora`'s entry from the cache: it was refused by the pipeline, or its content is not
+        what its name says. A later fetch downloads it again."""
+        self._remove_entry(lora.entry)
+        log.info("removed %s from the LoRA disk cache", lora.entry.name)
 
     def _remove_entry(self, path: Path) -> None:
         """Unlink a file; a bundle directory is first renamed away, so it vanishes in one step."""
@@ -248,7 +263,7 @@ class LoraStore:
         target = self._ids_dir / slug
         if self._raw_id(slug) == lora_id:
             return
-        fd, name = tempfile.mkstemp(dir=self._tmp_dir, suffix=".id")
+        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=".id")
         try:
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
                 f.write(lora_id)
@@ -257,16 +272,33 @@ class LoraStore:
             Path(name).unlink(missing_ok=True)
             raise
 
-    def _remove_stale_tmp(self) -> None:
-        """Temp files older than an hour are left from a crash (a live download keeps writing to its own)."""
-        cutoff = time.time() - STALE_TMP_SECONDS
+    def _sweep_partials(self) -> None:
+        """Remove what a killed process left in the temp folder: a partial download, a half-unpacked
+        bundle, a half-deleted one. Each of ours is named after its LoRA's slug and written under
+        that slug's file lock, so an entry whose lock another process holds (a live download on a
+        shared volume) is left alone."""
+        from filelock import FileLock, Timeout
+
         for path in self._tmp_dir.iterdir():
+            slug = path.name.split("-", 1)[0] if "-" in path.name else None
+            lock = FileLock(str(self._locks_dir / f"{slug}.lock"), timeout=0) if slug else None
             try:
-                if path.stat().st_mtime < cutoff:
-                    shutil.rmtree(path) if path.is_dir() else path.unlink()
-                    log.info("removed stale temp file %s", path.name)
-            except OSError:
-                pass
+                if lock is not None:
+                    lock.acquire()
+            except Timeout:
+                continue  # being written right now
+            try:
+                _remove_path(path)
+                log.info("removed %s, left in the LoRA cache's temp folder by an earlier process", path.name)
+            finally:
+                if lock is not None:
+                    lock.release()
+
+    def partials(self) -> tuple[int, int]:
+        """(count, bytes) of partial downloads and unpackings now in the temp folder: they count
+        against `max_cache_bytes` while they exist."""
+        sizes = [_entry_size(path) for path in self._tmp_dir.iterdir()]
+        return len(sizes), sum(sizes)
 
     # -- locks ---------------------------------------------------------------------------------
 
@@ -317,7 +349,7 @@ class LoraStore:
 
     def _download(self, lora_id: str, slug: str, url: str, expected: str | None) -> LoraFile:
         started = time.perf_counter()
-        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug[:40]}.", suffix=".part")
+        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=".part")
         tmp = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
@@ -351,11 +383,12 @@ class LoraStore:
 
     def _install_bundle(self, archive: Path, final: Path, slug: str, lora_id: str) -> None:
         """Unpack and check a bundle in a temp directory, then rename the directory into place."""
-        staging = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix=f"{slug[:40]}.", suffix=".unpack"))
+        staging = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=".unpack"))
         try:
-            extract_bundle(archive, staging / final.name, max_bytes=self.max_lora_bytes)
+            checksums = extract_bundle(archive, staging / final.name, max_bytes=self.max_lora_bytes)
             validate_safetensors(staging / final.name / LORA_FILE_IN_BUNDLE)
             read_bundle_tokens(staging / final.name)
+            (staging / final.name / CHECKSUMS_FILE).write_text(json.dumps(checksums, sort_keys=True))
             self._remember_id(slug, lora_id)
             os.replace(staging / final.name, final)
         finally:
@@ -376,42 +409,14 @@ class LoraStore:
                            + (" (or a local path)" if self.allow_local_paths else ""))
 
     def _read_source(self, url: str, dest: BinaryIO) -> None:
-        if _is_local(url):
-            self._read_local(url, dest)
-            return
         try:
-            fetch_to_file(url, dest, allow_private=self.allow_private_urls, max_bytes=self.max_lora_bytes,
-                          timeout_s=self.timeout_s, deadline_s=self.deadline_s, s3_client_factory=self._s3_client)
+            if _is_local(url):
+                read_local(url, dest, max_bytes=self.max_lora_bytes)
+            else:
+                fetch_to_file(url, dest, allow_private=self.allow_private_urls, max_bytes=self.max_lora_bytes,
+                              timeout_s=self.timeout_s, deadline_s=self.deadline_s, s3_client_factory=self._s3_client)
         except FetchError as exc:
             raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"cannot fetch the LoRA: {exc.message}") from exc
-
-    def _read_local(self, url: str, dest: BinaryIO) -> None:
-        parts = urlsplit(url)
-        if parts.scheme.lower() == "file":
-            if parts.netloc not in ("", "localhost"):
-                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"file:// URLs must be local: {_redact(url)!r}")
-            path = Path(url2pathname(unquote(parts.path)))
-        else:
-            path = Path(url).expanduser()
-        try:
-            with open(path, "rb") as source:
-                size = os.fstat(source.fileno()).st_size
-                if size > self.max_lora_bytes:
-                    raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
-                                       f"{path} is {size} bytes, more than the {self.max_lora_bytes} allowed")
-                total = 0
-                while chunk := source.read(1 << 20):
-                    total += len(chunk)
-                    if total > self.max_lora_bytes:
-                        raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
-                                           f"{path} is more than the {self.max_lora_bytes} bytes allowed")
-                    dest.write(chunk)
-        except FileNotFoundError as exc:
-            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"no such file: {path}") from exc
-        except IsADirectoryError as exc:
-            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"{path} is a directory, not a file") from exc
-        except PermissionError as exc:
-            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, f"cannot read {path}: permission denied") from exc
 
     def _s3_client(self):
         with self._guard:
@@ -492,10 +497,26 @@ def _redact(url: str) -> str:
 def _entry_size(path: Path) -> int:
     try:
         if path.is_dir():
-            return sum(p.stat().st_size for p in path.iterdir())
+            return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
         return path.stat().st_size
     except FileNotFoundError:
         return 0
+
+
+def _remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _read_checksums(bundle: Path) -> dict[str, str]:
+    """A bundle's recorded file checksums; none for a damaged record (its files then fail to verify)."""
+    try:
+        checksums = json.loads((bundle / CHECKSUMS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return checksums if isinstance(checksums, dict) else {}
 
 
 def _mtime_ns(path: Path) -> int:

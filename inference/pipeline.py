@@ -17,8 +17,10 @@ import torch
 from PIL import Image
 
 from inference.adapters import AdapterCache
-from inference.errors import ErrorCode, ServiceError
+from inference.deadline import Deadline
+from inference.errors import ErrorCode, RequestCancelled, ServiceError
 from inference.lora_store import LoraFile
+from inference.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +28,49 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfl
           "float32": torch.float32, "fp32": torch.float32}
 
 
+# The oldest NVIDIA driver each CUDA build of torch runs on (NVIDIA's CUDA release notes, table 3).
+MIN_DRIVER = {"12.4": "550", "12.6": "560", "12.8": "570", "12.9": "575", "13.0": "580"}
+
+
+class DeviceUnavailable(RuntimeError):
+    """The configured device cannot be used. The worker must not start: a GPU endpoint silently
+    running on the CPU is worse than one that fails its health check and says why."""
+
+
 def resolve_device(device: str = "auto") -> torch.device:
+    """`auto`: CUDA, MPS or the CPU, whichever is there. A named CUDA device must be usable, else
+    DeviceUnavailable (never a quiet fallback to the CPU)."""
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        require_cuda(resolved)
+    return resolved
+
+
+def require_cuda(device: torch.device) -> None:
+    build = torch.version.cuda
+    if build is None:
+        raise DeviceUnavailable(f"SDXL_LORA_DEVICE={device} but torch {torch.__version__} is a CPU-only build; install "
+                                "a CUDA build of torch, or set SDXL_LORA_DEVICE=cpu to run on the CPU on purpose")
+    try:
+        torch.cuda.init()
+        count = torch.cuda.device_count()
+    except Exception as exc:  # torch says why: no driver, a driver too old, no device visible
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    else:
+        if (device.index or 0) < count:
+            return
+        reason = f"only {count} CUDA device(s) visible"
+    minimum = MIN_DRIVER.get(".".join(build.split(".")[:2]), "the one its CUDA version needs")
+    raise DeviceUnavailable(
+        f"SDXL_LORA_DEVICE={device} but CUDA is not usable: {reason}. torch {torch.__version__} is a CUDA {build} "
+        f"build and needs an NVIDIA driver >= {minimum} with a GPU visible to this process (check nvidia-smi on "
+        f"the host and the container's GPU access). Set SDXL_LORA_DEVICE=cpu to run on the CPU on purpose.")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -76,19 +113,17 @@ class Engine:
     """One pipeline on one device; `generate` is safe to call from many threads (it queues)."""
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_resident_adapters: int = 8,
-                 fuse_adapters: str | bool = "auto"):  # auto | on | off (SDXL_LORA_FUSE_ADAPTERS), or a bool
+                 fuse_adapters: str | bool = "auto",  # auto | on | off (SDXL_LORA_FUSE_ADAPTERS), or a bool
+                 vae: str | None = None):  # SDXL_LORA_VAE: a VAE to use instead of the model's
+        quiet_libraries()
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
 
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
-        diffusers_logging.get_logger("diffusers.models.modeling_utils").addFilter(_drop_empty_fp32_warning)
         self.model_id = model
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         started = time.perf_counter()
-        self.txt2img = _load_txt2img(StableDiffusionXLPipeline, model, self.dtype).to(self.device)
+        custom_vae = load_vae(vae, self.dtype) if vae else None
+        self.txt2img = _load_txt2img(StableDiffusionXLPipeline, model, self.dtype, custom_vae).to(self.device)
         self.txt2img.set_progress_bar_config(disable=True)
         # from_pipe casts shared modules to float32 unless told the dtype (diffusers #12754).
         self.img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(self.txt2img, dtype=self.dtype)
@@ -104,14 +139,23 @@ class Engine:
     def default_size(self) -> int:
         return self.txt2img.default_sample_size * self.txt2img.vae_scale_factor
 
-    def generate(self, job: GenerationJob) -> GenerationResult:
-        with self.lock:
+    def generate(self, job: GenerationJob, deadline: Deadline | None = None,
+                 cancel: threading.Event | None = None) -> GenerationResult:
+        """Generate `job`'s images. Past `deadline`, or once `cancel` is set, the generation stops at
+        the next denoising step (ServiceError `timeout`, or RequestCancelled) and the pipeline is
+        free at once, its adapters as they were: interrupting never leaves half-applied state."""
+        stop = _StopCheck(deadline, cancel)
+        if not self.lock.acquire(timeout=max(0.0, deadline.remaining()) if deadline else -1):
+            raise stop.timed_out("while waiting for the pipeline")
+        try:
             started = time.perf_counter()
             sources = self.adapters.activate(job.loras)
             job = replace(job, prompt=self.adapters.prompt_for(job.prompt, [lora for lora, _ in job.loras]))
             adapter_done = time.perf_counter()
-            images = [self._one_image(job, job.seed + i) for i in range(job.num_images)]
+            images = [self._one_image(job, job.seed + i, stop) for i in range(job.num_images)]
             done = time.perf_counter()
+        finally:
+            self.lock.release()
         return GenerationResult(
             images=images,
             seeds=[job.seed + i for i in range(job.num_images)],
@@ -120,7 +164,9 @@ class Engine:
             inference_ms=(done - adapter_done) * 1e3,
         )
 
-    def _one_image(self, job: GenerationJob, seed: int) -> Image.Image:
+    def _one_image(self, job: GenerationJob, seed: int, stop: _StopCheck | None = None) -> Image.Image:
+        stop = stop or _StopCheck(None, None)
+        stop.check("before its first denoising step")
         generator = torch.Generator(self.device).manual_seed(seed)
         common = dict(
             prompt=job.prompt,
@@ -129,6 +175,7 @@ class Engine:
             guidance_scale=job.guidance_scale,
             generator=generator,
             output_type="pil",
+            callback_on_step_end=stop,
         )
         try:
             if job.image is None:
@@ -146,17 +193,65 @@ class Engine:
         return out.images[0]
 
 
-def _drop_empty_fp32_warning(record: logging.LogRecord) -> bool:
-    """diffusers 0.42 warns "modules ... that should be kept in float32: []" on every `.to(dtype=...)`,
-    even when the list is empty (here, for the UNet and the VAE at each load): noise, dropped."""
-    return "kept in float32: []" not in record.getMessage()
+class _StopCheck:
+    """diffusers' `callback_on_step_end`: raising from it leaves the denoising loop at once, with no
+    VAE decode of a half-denoised image (setting `pipe._interrupt` would still decode), and the
+    pipeline's next call starts clean (the scheduler's timesteps are set anew by every call)."""
+
+    def __init__(self, deadline: Deadline | None, cancel: threading.Event | None):
+        self.deadline = deadline
+        self.cancel = cancel
+
+    def __call__(self, pipe, step: int, timestep, callback_kwargs: dict) -> dict:
+        self.check(f"after denoising step {step + 1} of {pipe.num_timesteps}")
+        return callback_kwargs
+
+    def check(self, where: str) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            log.info("generation stopped %s: the caller went away", where)
+            raise RequestCancelled(f"generation stopped {where}: the caller went away")
+        if self.deadline is not None and self.deadline.expired:
+            log.info("generation stopped %s: past the request's deadline", where)
+            raise self.timed_out(where)
+
+    def timed_out(self, where: str) -> ServiceError:
+        seconds = self.deadline.seconds if self.deadline else 0
+        return ServiceError(ErrorCode.TIMEOUT, f"the request ran past its {seconds:g} s deadline "
+                            f"(SDXL_LORA_REQUEST_TIMEOUT_S) and was stopped {where}")
 
 
-def _load_txt2img(pipeline_cls, model: str, dtype: torch.dtype):
-    kwargs = dict(dtype=dtype, use_safetensors=True)
-    if dtype == torch.float16 and not Path(model).is_dir():
+def _load_txt2img(pipeline_cls, model: str, dtype: torch.dtype, vae=None):
+    kwargs = dict(dtype=dtype, use_safetensors=True, **({"vae": vae} if vae is not None else {}))
+    variant = weights_variant(model, dtype)
+    if variant is not None and not Path(model).is_dir():
         try:  # hub checkpoints ship an fp16 variant: half the download
-            return pipeline_cls.from_pretrained(model, variant="fp16", **kwargs)
+            return pipeline_cls.from_pretrained(model, variant=variant, **kwargs)
         except (OSError, ValueError):
-            log.info("no fp16 variant for %s; loading the default weights", model)
-    return pipeline_cls.from_pretrained(model, **kwargs)
+            log.info("no %s variant for %s; loading the default weights", variant, model)
+            variant = None
+    return pipeline_cls.from_pretrained(model, variant=variant, **kwargs)
+
+
+def weights_variant(model: str, dtype: torch.dtype) -> str | None:
+    """Which weight files to read: the fp16 variant (`*.fp16.safetensors`) in half precision, half the
+    bytes of the full files; otherwise the full files, or the variant when a directory (a RunPod
+    cached-model snapshot, say) holds nothing else. A hub id: the variant is tried first in fp16."""
+    path = Path(model)
+    if not path.is_dir():
+        return "fp16" if dtype == torch.float16 else None
+    weights = list(path.glob("*/*.safetensors"))
+    has_fp16 = any(".fp16." in f.name for f in weights)
+    has_full = any(".fp16." not in f.name for f in weights)
+    return "fp16" if has_fp16 and (dtype == torch.float16 or not has_full) else None
+
+
+def load_vae(source: str, dtype: torch.dtype):
+    """A VAE to use instead of the model's (SDXL_LORA_VAE): a hub id or a diffusers directory. An
+    fp16-safe one (config `force_upcast: false`, e.g. madebyollin/sdxl-vae-fp16-fix) decodes in fp16;
+    SDXL's own is upcast to fp32 for every decode."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(source, dtype=dtype, use_safetensors=True)
+    if dtype == torch.float16 and vae.config.force_upcast:
+        log.warning("the VAE %s says force_upcast: every decode runs in fp32; an fp16-safe VAE avoids it", source)
+    return vae

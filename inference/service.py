@@ -12,20 +12,24 @@ import hashlib
 import io
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, ImageOut, LoraOut, ModelOut, Timings
+from inference.deadline import Deadline
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client
 from inference.images import MIME, decode_image, encode_image
+from inference.integrity import CorruptEntry
 from inference.lora_store import LoraFile, LoraStore
 from inference.pipeline import Engine, GenerationJob
-from inference.settings import Settings
+from inference.settings import Settings, fallback_lora_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,30 +52,70 @@ def resolve_model(model: str, hf_cache: Path = RUNPOD_HF_CACHE) -> str:
 class InferenceService:
     def __init__(self, settings: Settings, engine: Engine | None = None, store: LoraStore | None = None):
         self.settings = settings
-        self.store = store or LoraStore.from_settings(settings)
+        # What a deployer should know about how this worker runs (a cache fallback, no identity score):
+        # logged once, and listed by /readyz.
+        self.warnings: list[str] = []
+        self.store = store or self._open_store()
         self.engine = engine
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
-        self.scorer = None  # IdentityScorer when SDXL_LORA_IDENTITY_MODEL is set
+        self.scorer = None  # IdentityScorer once SDXL_LORA_IDENTITY_MODEL has loaded
+        self.identity = "off" if not settings.identity_model else "not loaded"
         self._s3 = None
+
+    def _open_store(self) -> LoraStore:
+        """The configured LoRA cache; where it cannot be written (a root-owned network volume, a
+        read-only mount), a private one in the home directory, so the worker serves anyway."""
+        try:
+            return LoraStore.from_settings(self.settings)
+        except OSError as exc:
+            fallback = fallback_lora_cache_dir()
+            self._warn(f"the LoRA cache {self.settings.lora_cache_dir} is not writable ({exc.strerror or exc}); "
+                       f"using {fallback}, which this worker does not share with others: fix the volume's "
+                       f"permissions or set SDXL_LORA_LORA_CACHE_DIR")
+            return LoraStore.from_settings(self.settings, cache_dir=fallback)
+
+    def _warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(message)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def load(self) -> None:
+    def load(self, identity_in_background: bool = True) -> None:
+        """Load the pipeline (raises DeviceUnavailable at once without the configured GPU). The
+        optional identity model loads beside the serving worker: until it is there, and if it fails
+        to load, images come without `identity_score`, and `identity` says why."""
         import runpod.serverless.utils.rp_ssrf  # noqa: F401  (slow first import: pay it at start, not in a request)
 
         if self.engine is None:
             s = self.settings
             self.engine = Engine(resolve_model(s.model), device=s.device, dtype=s.dtype,
                                  max_resident_adapters=s.max_resident_adapters,
-                                 fuse_adapters=s.fuse_adapters)
-        if self.settings.identity_model and self.scorer is None:
-            from inference.identity import IdentityScorer
+                                 fuse_adapters=s.fuse_adapters, vae=resolve_model(s.vae) if s.vae else None)
+        if self.settings.identity_model and self.identity == "not loaded":
+            self.identity = "loading"
+            if identity_in_background:
+                threading.Thread(target=self._load_identity, name="identity-load", daemon=True).start()
+            else:
+                self._load_identity()
 
-            self.scorer = IdentityScorer(self.settings.identity_model, device=self.engine.device, dtype=self.engine.dtype)
+    def _load_identity(self) -> None:
+        from inference.identity import IdentityScorer
+
+        model = self.settings.identity_model
+        try:
+            self.scorer = IdentityScorer(resolve_model(model), device=self.engine.device, dtype=self.engine.dtype)
+            self.identity = "ready"
+        except Exception as exc:  # an optional score never takes the worker down
+            self.identity = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            self._warn(f"identity model {model} did not load ({self.identity}); images come without identity_score")
 
     @property
     def ready(self) -> bool:
         return self.engine is not None
+
+    def status(self) -> dict:
+        """What /readyz reports beside readiness."""
+        return {"model": self.model_info().model_dump(), "identity": self.identity, "warnings": list(self.warnings)}
 
     def model_info(self) -> ModelOut:
         engine = self._engine()
@@ -93,8 +137,13 @@ class InferenceService:
 
     # -- one request ---------------------------------------------------------------------------
 
-    def generate(self, request: GenerateRequest, progress: Progress | None = None) -> GenerateResponse:
+    def generate(self, request: GenerateRequest, progress: Progress | None = None, deadline: Deadline | None = None,
+                 cancel: threading.Event | None = None) -> GenerateResponse:
+        """One request, within `deadline` (default: SDXL_LORA_REQUEST_TIMEOUT_S from now): past it the
+        answer is `timeout` and a running generation stops at its next step. `cancel` set (the client
+        hung up) stops it too, with RequestCancelled."""
         progress = progress or (lambda phase: None)
+        deadline = deadline or Deadline(self.settings.request_timeout_s)
         engine = self._engine()
         started = time.perf_counter()
         if request.output.delivery == "url" and not self.settings.s3_bucket:
@@ -102,8 +151,8 @@ class InferenceService:
 
         progress("fetch")
         lora_futures = [self._fetch_pool.submit(self.store.fetch, l.id, l.url, l.sha256) for l in request.loras]
-        reference = self.load_reference(request.image) if request.image else None
-        lora_files: list[LoraFile] = [future.result() for future in lora_futures]
+        reference = self.load_reference(request.image, deadline) if request.image else None
+        lora_files = self._wait_for_fetches(lora_futures, deadline)
         fetched = time.perf_counter()
 
         progress("generate")
@@ -115,19 +164,8 @@ class InferenceService:
             image=reference, strength=request.strength,
             loras=[(f, spec.scale) for f, spec in zip(lora_files, request.loras)],
         )
-        try:
-            result = engine.generate(job)
-        except FileNotFoundError:
-            # Another worker sharing the cache evicted a file between our fetch and its load:
-            # fetch again (a download now) and retry once.
-            log.info("a LoRA file left the shared cache before it was loaded; fetching it again")
-            lora_files = [self.store.fetch(spec.id, spec.url, spec.sha256) for spec in request.loras]
-            job.loras = [(f, spec.scale) for f, spec in zip(lora_files, request.loras)]
-            try:
-                result = engine.generate(job)
-            except FileNotFoundError as exc:
-                raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
-                                   "the LoRA cache lost the file twice while loading it (cache too small?)") from exc
+        result, lora_files = self._generate_from_the_cache(engine, job, request, deadline, cancel)
+        _check(deadline, "before encoding the images")
 
         scores: list[float | None] = [None] * len(result.images)
         if reference is not None and self.scorer is not None:
@@ -142,6 +180,7 @@ class InferenceService:
         images = []
         if request.output.delivery == "url":
             progress("upload")
+            _check(deadline, "before uploading the images")
         for image, data, image_seed, score in zip(result.images, encoded, result.seeds, scores):
             out = ImageOut(seed=image_seed, width=image.width, height=image.height, mime=MIME[fmt],
                            sha256=hashlib.sha256(data).hexdigest(), identity_score=score)
@@ -163,9 +202,48 @@ class InferenceService:
             ),
         )
 
+    def _wait_for_fetches(self, futures, deadline: Deadline) -> list[LoraFile]:
+        """The LoRA files, or `timeout` once the deadline passes. A download still under way goes on
+        (to its own deadline) and lands in the cache, so a retry finds it there."""
+        try:
+            return [future.result(timeout=max(0.0, deadline.remaining())) for future in futures]
+        except FutureTimeout:
+            raise ServiceError(ErrorCode.TIMEOUT, f"fetching the LoRAs took longer than the request's "
+                               f"{deadline.seconds:g} s (SDXL_LORA_REQUEST_TIMEOUT_S); the download goes on "
+                               f"and will be in the cache for a retry") from None
+
+    def _generate_from_the_cache(self, engine: Engine, job: GenerationJob, request: GenerateRequest,
+                                 deadline: Deadline, cancel: threading.Event | None):
+        """engine.generate, repairing the disk cache on the way: a file that is not what its sha256
+        says (or that another worker sharing the cache evicted meanwhile) is fetched again once, and
+        the request answered as a fresh download; a file the pipeline refuses is dropped from it."""
+        try:
+            return engine.generate(job, deadline, cancel), [lora for lora, _ in job.loras]
+        except (CorruptEntry, FileNotFoundError) as exc:
+            if isinstance(exc, CorruptEntry):
+                log.warning("%s; evicting it and fetching %s again", exc, exc.lora.lora_id)
+                self.store.discard(exc.lora)
+            else:
+                log.info("a LoRA file left the shared cache before it was loaded; fetching it again")
+        except ServiceError as exc:
+            if exc.lora is not None and exc.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE):
+                self.store.discard(exc.lora)
+            raise
+        lora_files = [self.store.fetch(spec.id, spec.url, spec.sha256) for spec in request.loras]
+        job.loras = [(f, spec.scale) for f, spec in zip(lora_files, request.loras)]
+        try:
+            return engine.generate(job, deadline, cancel), lora_files
+        except (CorruptEntry, FileNotFoundError) as exc:
+            raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, "the LoRA changed or left the cache again while "
+                               "it was loaded (a cache shared with a misbehaving writer, or too small?)") from exc
+        except ServiceError as exc:
+            if exc.lora is not None and exc.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE):
+                self.store.discard(exc.lora)
+            raise
+
     # -- reference images and uploads ---------------------------------------------------------
 
-    def load_reference(self, source: str):
+    def load_reference(self, source: str, deadline: Deadline | None = None):
         limit = self.settings.max_image_bytes
         if source.startswith("data:"):
             header, _, payload = source.partition(",")
@@ -181,8 +259,12 @@ class InferenceService:
             buffer = io.BytesIO()
             try:
                 fetch_to_file(source, buffer, allow_private=self.settings.allow_private_urls, max_bytes=limit,
-                              timeout_s=self.settings.download_timeout_s, s3_client_factory=self._s3_client)
+                              timeout_s=self.settings.download_timeout_s, deadline=deadline,
+                              s3_client_factory=self._s3_client)
             except FetchError as exc:
+                if deadline is not None and deadline.expired:
+                    raise ServiceError(ErrorCode.TIMEOUT, f"fetching the reference image took longer than the "
+                                       f"request's {deadline.seconds:g} s (SDXL_LORA_REQUEST_TIMEOUT_S)") from exc
                 raise ServiceError(ErrorCode.IMAGE_INVALID, f"cannot fetch the reference image: {exc}") from exc
             data = buffer.getvalue()
         else:
@@ -190,18 +272,12 @@ class InferenceService:
         return decode_image(data)
 
     def upload(self, data: bytes, fmt: str) -> str:
-        from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_exponential
-
+        """Put the image in the bucket and presign a GET. Transient failures are retried by boto3
+        itself (`make_s3_client`: standard mode, 3 attempts); no second retry layer on top of it."""
         s = self.settings
         key = f"{s.s3_prefix}{datetime.now(timezone.utc):%Y/%m/%d}/{uuid.uuid4().hex}.{fmt}"
-
-        @retry(stop=stop_after_attempt(3), wait=wait_exponential(multiplier=0.2, max=2),
-               retry=retry_if_exception_type(Exception), reraise=True)
-        def put() -> None:
-            self._s3_client().put_object(Bucket=s.s3_bucket, Key=key, Body=data, ContentType=MIME[fmt])
-
         try:
-            put()
+            self._s3_client().put_object(Bucket=s.s3_bucket, Key=key, Body=data, ContentType=MIME[fmt])
             return self._s3_client().generate_presigned_url(
                 "get_object", Params={"Bucket": s.s3_bucket, "Key": key}, ExpiresIn=s.presign_expiry_s)
         except Exception as exc:
@@ -217,6 +293,12 @@ class InferenceService:
         if self.engine is None:
             raise ServiceError(ErrorCode.BUSY, "the pipeline is still loading")
         return self.engine
+
+
+def _check(deadline: Deadline, where: str) -> None:
+    if deadline.expired:
+        raise ServiceError(ErrorCode.TIMEOUT, f"the request ran past its {deadline.seconds:g} s deadline "
+                           f"(SDXL_LORA_REQUEST_TIMEOUT_S) {where}")
 
 
 def _ms(seconds: float) -> float:

@@ -15,6 +15,12 @@ def default_lora_cache_dir() -> Path:
     """On RunPod's network volume when mounted, so every worker shares one cache."""
     if RUNPOD_VOLUME.is_dir():
         return RUNPOD_VOLUME / "sdxl-lora" / "loras"
+    return fallback_lora_cache_dir()
+
+
+def fallback_lora_cache_dir() -> Path:
+    """This user's own cache: the default off RunPod, and the fallback when the configured one
+    cannot be written."""
     return Path.home() / ".cache" / "sdxl-lora" / "loras"
 
 
@@ -22,6 +28,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SDXL_LORA_", extra="ignore")
 
     model: str = DEFAULT_MODEL
+    # A VAE to use instead of the model's (hub id or directory): an fp16-safe one such as
+    # madebyollin/sdxl-vae-fp16-fix decodes in fp16 instead of upcasting to fp32 for every image.
+    vae: str | None = None
     device: str = "auto"  # auto | cuda | cuda:N | cpu | mps
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     lora_cache_dir: Path = Field(default_factory=default_lora_cache_dir)
@@ -34,6 +43,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_prefix: str = "sdxl-lora/"
     queue_max: int = Field(default=16, ge=0)
+    # The whole request, fetch to delivery (queueing for the pipeline included): past it the answer is
+    # `timeout` and the generation stops at its next denoising step. 180 s holds the contract's
+    # largest request on an H100-class GPU with room to spare; a client's 1024x1024, 30-step image
+    # takes a few seconds there.
+    request_timeout_s: float = Field(default=180.0, gt=0)
     # Not in the contract, but a deployer needs them.
     download_timeout_s: float = 60.0
     max_image_bytes: int = 32 * 1024**2

@@ -259,7 +259,7 @@ def test_img2img_images_carry_an_identity_score_when_configured(tmp_path, tiny_m
     settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache",
                         allow_private_urls=True, identity_model=str(clip))
     service = InferenceService(settings)
-    service.load()
+    service.load(identity_in_background=False)
     reference = (lora_server.root / "ref.png").read_bytes()
     data_uri = "data:image/png;base64," + base64.b64encode(reference).decode()
     response = service.generate(GenerateRequest(**request(lora_server, "a", image=data_uri, num_images=2,
@@ -271,3 +271,28 @@ def test_img2img_images_carry_an_identity_score_when_configured(tmp_path, tiny_m
         assert image.identity_score < 1.0
     txt2img = service.generate(GenerateRequest(**request(lora_server, "a")))
     assert txt2img.images[0].identity_score is None  # no reference, no score
+
+
+def test_a_missing_identity_model_never_keeps_the_service_from_serving(tmp_path, tiny_model, lora_server):
+    settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache",
+                        allow_private_urls=True, identity_model=str(tmp_path / "no-such-clip"))
+    with LiveServer(create_app(settings)) as base:
+        wait_ready(base)
+        ready = httpx.get(f"{base}/readyz").json()
+        assert ready["identity"].startswith("failed:") and "identity_score" in ready["warnings"][0]
+        data_uri = "data:image/png;base64," + base64.b64encode((lora_server.root / "ref.png").read_bytes()).decode()
+        response = post(base, request(lora_server, "a", image=data_uri, width=None, height=None), key=None)
+    assert response.status_code == 200, response.text
+    assert "identity_score" not in response.json()["images"][0]
+
+
+def test_an_unwritable_cache_volume_falls_back_and_says_so(tmp_path, tiny_model, monkeypatch):
+    """A path that cannot be created stands in for a root-owned volume (root ignores permission bits,
+    so the permission case itself is run by the image test, as the image's non-root user)."""
+    volume = tmp_path / "volume"
+    volume.write_text("not a directory")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=volume / "sdxl-lora" / "loras")
+    service = InferenceService(settings)
+    assert service.store.cache_dir == tmp_path / "home" / ".cache" / "sdxl-lora" / "loras"
+    assert "not writable" in service.warnings[0] and "SDXL_LORA_LORA_CACHE_DIR" in service.warnings[0]

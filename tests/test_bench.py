@@ -54,3 +54,11 @@ def test_clips_bench_reports_concurrency_ratios():
     assert result["fake_peak_in_flight"] == 3
     for key in ("fake_sync_ratio", "fake_async_ratio", "real_sync_ratio", "real_async_ratio"):
         assert result[key] > 0
+
+
+def test_soak_churn_reports_memory_after_warm_up():
+    from sdxl_lora_tools.bench.soak import churn
+
+    result = churn(activations=40, loras=4, max_resident=2, generate_every=20, warmup=8, as_json=True)
+    assert result["rss_after_warmup_mb"] > 0 and result["rss_end_mb"] > 0 and len(result["rss_samples_mb"]) == 20
+    assert result["adapter_injections"] >= 2

@@ -51,8 +51,8 @@ FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, dat
 
 # -- the schema, against the live service ------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def api_base(tiny_model, tmp_path_factory):
+@pytest.fixture(scope="module", params=[API_KEY, None], ids=["with_key", "keyless"])
+def api_base(request, tiny_model, tmp_path_factory):
     """The app over loopback with the real tiny pipeline, generation kept cheap (steps, size and
     image count capped inside the engine: the request and its validation are untouched), and every
     URL a generated request may hold kept on this machine: host names resolve to 127.0.0.1, which
@@ -68,10 +68,10 @@ def api_base(tiny_model, tmp_path_factory):
     engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
     generate = engine.generate
 
-    def cheap(job):
+    def cheap(job, *args, **kwargs):
         return generate(dataclasses.replace(job, num_inference_steps=min(job.num_inference_steps, 2),
                                             width=64 if job.width else None, height=64 if job.height else None,
-                                            num_images=min(job.num_images, 2)))
+                                            num_images=min(job.num_images, 2)), *args, **kwargs)
 
     engine.generate = cheap
     with pytest.MonkeyPatch.context() as patch:
@@ -79,7 +79,7 @@ def api_base(tiny_model, tmp_path_factory):
             patch.setenv(key, value)
         patch.setattr(fetch, "resolve", lambda host, port: ["127.0.0.1"])
         settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path_factory.mktemp("cache"),
-                            api_key=API_KEY, allow_private_urls=False, s3_endpoint_url="http://127.0.0.1:9",
+                            api_key=request.param, allow_private_urls=False, s3_endpoint_url="http://127.0.0.1:9",
                             download_timeout_s=2.0, queue_max=2)
         with LiveServer(create_app(settings, service=InferenceService(settings, engine=engine))) as base:
             wait_ready(base)
@@ -152,6 +152,9 @@ def rule_beyond_the_schema(body) -> list[str]:
         return fields
     if (body.get("width") is None) != (body.get("height") is None):
         return ["give width and height together"]
+    steps, strength = body.get("num_inference_steps", 30), body.get("strength", 0.6)
+    if body.get("image") is not None and int(steps * strength) < 1:
+        return ["less than one step"]
     if isinstance(body.get("output"), dict) and body["output"].get("delivery") == "url":
         return ["delivery 'url' needs SDXL_LORA_S3_BUCKET"]  # this service has no bucket configured
     return []

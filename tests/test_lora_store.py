@@ -511,16 +511,26 @@ def test_a_file_larger_than_the_cache_cap_is_served_and_kept_alone(make_store, w
     assert [e.lora_id for e in store.entries()] == ["big"]
 
 
-def test_stale_temp_files_are_removed_at_init(tmp_path):
+def test_partials_are_swept_at_init_unless_a_live_download_holds_their_lock(tmp_path):
+    """Left by a killed process: removed at the next start. Still being written (its LoRA's file lock
+    held, as by a download in another worker on a shared volume): kept, whatever its age."""
+    from filelock import FileLock
+
+    from inference.lora_store import id_slug
+
     tmp_dir = tmp_path / "cache" / ".tmp"
     tmp_dir.mkdir(parents=True)
-    old, fresh = tmp_dir / "old.part", tmp_dir / "fresh.part"
-    old.write_bytes(b"x")
-    fresh.write_bytes(b"y")
+    (tmp_path / "cache" / ".locks").mkdir()
+    orphan, live = tmp_dir / f"{id_slug('killed')}-abc.part", tmp_dir / f"{id_slug('live')}-def.part"
+    orphan.write_bytes(b"x")
+    live.write_bytes(b"y")
     two_hours_ago = time.time() - 7200
-    os.utime(old, (two_hours_ago, two_hours_ago))
+    os.utime(live, (two_hours_ago, two_hours_ago))
+    with FileLock(str(tmp_path / "cache" / ".locks" / f"{id_slug('live')}.lock")):
+        LoraStore(tmp_path / "cache", max_cache_bytes=1 << 20, max_lora_bytes=1 << 20)
+    assert not orphan.exists() and live.exists()
     LoraStore(tmp_path / "cache", max_cache_bytes=1 << 20, max_lora_bytes=1 << 20)
-    assert not old.exists() and fresh.exists()
+    assert not live.exists(), "its lock free: nobody is writing it any more"
 
 
 def test_from_settings_maps_the_environment(tmp_path, monkeypatch):

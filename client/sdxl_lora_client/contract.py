@@ -8,9 +8,9 @@ that; the service (FastAPI app, RunPod handler, inference core) imports it from 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class ErrorCode(StrEnum):
@@ -44,8 +44,31 @@ HTTP_STATUS: dict[ErrorCode, int] = {
 MAX_SEED = 2**63 - 1 - 8  # seed + i (i < 8) must still fit torch.Generator.manual_seed
 
 
+# Requests are strict: numbers are JSON numbers, never booleans or strings, as the JSON Schema says;
+# `"seed": true` is refused, not read as 1, and `"42"` is not 42.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _whole_number(value):
+    """JSON Schema's integer: 4.0 is the integer 4 (the schema admits it, so the server takes it);
+    4.5, true and "4" stay what they are and are refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds):
+    """An integer field of the contract with its bounds (before the validator, so they reach the
+    JSON Schema as minimum/maximum/multipleOf, also inside `X | None`)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+Side = json_int(ge=64, le=2048, multiple_of=8)
+Seed = json_int(ge=0, le=MAX_SEED)
+Steps = json_int(ge=1, le=100)
+ImageCount = json_int(ge=1, le=8)
+
+
 class LoraSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     id: str = Field(min_length=1, max_length=200, description="Stable LoRA id: the cache key. Treated as immutable.")
     url: str = Field(min_length=1, max_length=4096, description="https://, http:// or s3:// location of the .safetensors file")
@@ -54,27 +77,27 @@ class LoraSpec(BaseModel):
 
 
 class OutputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     format: Literal["png", "jpeg", "webp"] = "png"
     delivery: Literal["base64", "url"] = "base64"
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
     prompt: str = Field(min_length=1, max_length=2000)
     negative_prompt: str | None = Field(None, max_length=2000)
     loras: list[LoraSpec] = Field(default_factory=list, max_length=4)
-    image: str | None = Field(None, max_length=64 * 1024 * 1024,
+    image: str | None = Field(None, min_length=1, max_length=64 * 1024 * 1024,
                               description="https/s3 URL or data: URI of the reference image: img2img")
     strength: float = Field(0.6, gt=0.0, le=1.0, description="img2img only")
-    width: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="default 1024; img2img: the reference's")
-    height: int | None = Field(None, ge=64, le=2048, multiple_of=8, description="default 1024; img2img: the reference's")
-    num_inference_steps: int = Field(30, ge=1, le=100)
+    width: Side | None = Field(None, description="default 1024; img2img: the reference's")
+    height: Side | None = Field(None, description="default 1024; img2img: the reference's")
+    num_inference_steps: Steps = 30
     guidance_scale: float = Field(7.0, ge=0.0, le=30.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="chosen and returned when absent")
-    num_images: int = Field(1, ge=1, le=8)
+    seed: Seed | None = Field(None, description="chosen and returned when absent")
+    num_images: ImageCount = 1
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @field_validator("loras")

@@ -362,6 +362,72 @@ def run(duration: float = 120, clients: int = 8, loras: int = 20, max_resident: 
     return result
 
 
+CHURN_TOLERANCE = 0.01
+
+
+def churn(activations: int = 10_000, loras: int = 20, max_resident: int = 4, generate_every: int = 50,
+          warmup: int = 1_000, size: str = "tiny", rank: int = 4, seed: int = 0, as_json: bool = False) -> dict:
+    """Adapter churn without HTTP: `activations` activations drawn at random over `loras` LoRAs (half
+    with text-encoder layers: evicted and injected; the others hot-swapped) through `max_resident`
+    slots, a generation every `generate_every`. Memory (settled: after gc and malloc_trim) after the
+    warm-up and at the end must stay within 1 %: a worker lives for millions of switches."""
+    from inference.lora_store import LoraStore
+    from inference.pipeline import Engine, GenerationJob
+
+    quiet_libraries()
+    model = synthetic_model(size)
+    engine = Engine(str(model), device="cpu", dtype="float32", max_resident_adapters=max_resident)
+    paths = (lora_files(engine.txt2img, BENCH_CACHE / f"soak-loras-{size}", loras - loras // 2, rank)
+             + lora_files(engine.txt2img, BENCH_CACHE / f"soak-loras-{size}", loras // 2, rank, text_encoders=True))
+    store = LoraStore(Path(tempfile.mkdtemp(prefix="churn-", dir=BENCH_CACHE)), max_cache_bytes=1 << 40,
+                      max_lora_bytes=1 << 33, allow_local_paths=True)
+    files = [store.fetch(p.stem, str(p)) for p in paths]
+    resolution = 64 if size == "tiny" else 512
+    job = GenerationJob(prompt=PROMPT, num_inference_steps=2, width=resolution, height=resolution, seed=seed)
+    rng = random.Random(seed)
+    samples: list[tuple[int, int]] = []
+    rss_warm = 0
+    started = time.perf_counter()
+    for i in range(1, warmup + activations + 1):
+        lora = files[(i - 1) % len(files)] if i <= len(files) else rng.choice(files)  # each LoRA once first
+        engine.adapters.activate([(lora, 1.0)])
+        if i % generate_every == 0:
+            job.loras = [(lora, 1.0)]
+            engine.generate(job)
+        if i == warmup:
+            rss_warm = settle_memory()
+        if i > warmup and (i - warmup) % max(1, activations // 20) == 0:
+            samples.append((i - warmup, settle_memory()))
+    elapsed = time.perf_counter() - started
+    rss_end = samples[-1][1]
+    half = samples[len(samples) // 2]
+    slope_kib = (rss_end - half[1]) / max(1, samples[-1][0] - half[0]) / 1024  # second half: past any plateau
+    result = {
+        "activations": activations, "warmup_activations": warmup, "loras": loras, "max_resident": max_resident,
+        "generate_every": generate_every, "size": size, "machine": machine(), "seconds": elapsed,
+        "adapter_injections": engine.adapters._injections,
+        "rss_after_warmup_mb": rss_warm / 2**20, "rss_end_mb": rss_end / 2**20,
+        "rss_ratio": rss_end / rss_warm, "slope_kib_per_activation_2nd_half": slope_kib,
+        "rss_samples_mb": [round(rss / 2**20, 1) for _, rss in samples],
+    }
+    result["ok"] = result["rss_ratio"] <= 1 + CHURN_TOLERANCE
+    if as_json:
+        emit_json(result)
+    else:
+        print_table(f"adapter churn: {activations} activations after {warmup} of warm-up, {loras} LoRAs (half with "
+                    f"text encoders) through {max_resident} slots, a generation every {generate_every}, {size} SDXL; "
+                    f"{result['machine']}",
+                    [("seconds", elapsed), ("adapter injections (the rest hot-swapped or resident)",
+                                            result["adapter_injections"]),
+                     ("RSS after warm-up MB", result["rss_after_warmup_mb"]), ("RSS at the end MB", result["rss_end_mb"]),
+                     ("RSS end / after warm-up", f"{result['rss_ratio']:.4f}"),
+                     ("slope, 2nd half, KiB per activation", f"{slope_kib:.2f}"),
+                     ("RSS samples MB", " ".join(f"{v:.0f}" for v in result["rss_samples_mb"]))],
+                    ("figure", "value"))
+        print("verdict:", "ok" if result["ok"] else f"FAILED (RSS grew more than {CHURN_TOLERANCE:.0%})")
+    return result
+
+
 def report(r: dict) -> None:
     print_table(f"soak: {r['duration_s']:.0f} s after {r['warmup_s']:.0f} s of warm-up, {r['clients']} clients, {r['loras']} LoRAs (half with text "
                 f"encoders), MAX_RESIDENT_ADAPTERS {r['max_resident']}, disk cache {r['disk_loras'] or 'unlimited'} "
@@ -398,8 +464,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, help="seconds of full load before memory is first read "
                                                      "(default: a quarter of --duration, 2 to 30 s)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--churn", type=int, metavar="N",
+                        help="instead: N adapter activations without HTTP, memory within 1 %% after warm-up")
+    parser.add_argument("--churn-warmup", type=int, default=1_000)
     parser.add_argument("--json", action="store_true")
     a = parser.parse_args(argv)
+    if a.churn:
+        result = churn(a.churn, a.loras, a.max_resident, warmup=a.churn_warmup, size=a.size, seed=a.seed,
+                       as_json=a.json)
+        sys.exit(0 if result["ok"] else 1)
     result = run(a.duration, a.clients, a.loras, a.max_resident, a.steps, a.size, disk_loras=a.disk_loras,
                  seed=a.seed, warmup_s=a.warmup, as_json=a.json)
     if not result["ok"]:
