@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test image-test clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The production image, built and run as on RunPod (Docker; several GB; not part of `make test`).
+image-test: setup
+	bash scripts/image-test.sh
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

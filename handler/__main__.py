@@ -8,6 +8,7 @@ import logging
 import runpod
 
 from handler.worker import make_handler
+from inference.pipeline import DeviceUnavailable
 from inference.service import InferenceService
 from inference.settings import Settings
 
@@ -15,7 +16,10 @@ from inference.settings import Settings
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     service = InferenceService(Settings())
-    service.load()  # at worker start, not per job
+    try:
+        service.load()  # at worker start, not per job
+    except DeviceUnavailable as exc:  # exit within seconds, saying why: RunPod marks the worker unhealthy
+        raise SystemExit(f"sdxl-lora worker not started: {exc}") from None
     runpod.serverless.start({"handler": make_handler(service), "concurrency_modifier": lambda current: 1})
 
 

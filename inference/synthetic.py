@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from inference.quiet import quiet_libraries
+
 # SDXL-base's configurations, as published with stabilityai/stable-diffusion-xl-base-1.0.
 FULL_UNET = dict(
     sample_size=128,
@@ -117,6 +119,7 @@ def build_pipeline(size: str = "tiny", seed: int = 0):
     """An in-memory StableDiffusionXLPipeline with random weights (fp32, CPU)."""
     import tempfile
 
+    quiet_libraries()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -136,13 +139,17 @@ def build_pipeline(size: str = "tiny", seed: int = 0):
     )
 
 
-def write_model(directory: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Save a synthetic pipeline in the diffusers layout, loadable with from_pretrained."""
+def write_model(directory: str | Path, size: str = "tiny", seed: int = 0, variant: str | None = None) -> Path:
+    """Save a synthetic pipeline in the diffusers layout, loadable with from_pretrained.
+
+    `variant="fp16"`: fp16 weights in `*.fp16.safetensors` files, as the hub's SDXL ships them (call
+    again without a variant into the same directory for a model that has both).
+    """
     directory = Path(directory)
     pipe = build_pipeline(size, seed)
-    if size == "full":  # 2.6 B parameters: keep the files the size of the real fp16 checkpoint
+    if size == "full" or variant == "fp16":  # full: 2.6 B parameters, the size of the real fp16 checkpoint
         pipe.to(torch.float16)
-    pipe.save_pretrained(directory, safe_serialization=True)
+    pipe.save_pretrained(directory, safe_serialization=True, variant=variant)
     for tokenizer in ("tokenizer", "tokenizer_2"):  # also the BPE source files, for slow-tokenizer loaders
         write_clip_tokenizer_files(directory / tokenizer)
     (directory / "synthetic.json").write_text(json.dumps({"size": size, "seed": seed}))
@@ -254,9 +261,22 @@ def _prefixed(per_component: dict[str, dict]) -> dict:
     return {f"{component}.{key}": value for component, config in per_component.items() for key, value in config.items()}
 
 
+def write_vae(directory: str | Path, size: str = "tiny", seed: int = 0, force_upcast: bool = False) -> Path:
+    """A random-weight SDXL VAE alone, for SDXL_LORA_VAE: `force_upcast=False` is what an fp16-safe
+    VAE (madebyollin/sdxl-vae-fp16-fix) says in its config."""
+    quiet_libraries()
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**SIZES[size][3], "force_upcast": force_upcast})
+    vae.save_pretrained(directory, safe_serialization=True)
+    return Path(directory)
+
+
 def write_lora(model_dir: str | Path, out: str | Path, *, rank: int = 4, fmt: str = "diffusers",
                text_encoders: bool = False, seed: int = 0) -> Path:
     """Write a random LoRA that fits the model at `model_dir` (same seed: same weights in every format)."""
+    quiet_libraries()
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
 

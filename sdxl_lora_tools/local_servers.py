@@ -38,10 +38,15 @@ class LocalServer:
 
 
 def wait_until_ready(base: str, timeout_s: float = 60.0) -> None:
+    """Until /readyz answers 200 and the optional identity model has settled (loaded or failed): the
+    service serves before that, but a demo or a test wants the scores from its first request."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{base}/readyz").status_code != 200:
+    while True:
+        response = httpx.get(f"{base}/readyz")
+        if response.status_code == 200 and response.json().get("identity") not in ("loading", "not loaded"):
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{base} never became ready")
         time.sleep(0.05)
