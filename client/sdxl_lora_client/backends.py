@@ -44,44 +44,62 @@ def _error_from_body(body) -> BackendError | None:
     return BackendError(f"{code}: {message}", code, code in RETRYABLE_CODES)
 
 
-class ServiceBackend:
-    """The FastAPI service (`sdxl-lora serve`): `generate` for threads, `agenerate` for asyncio.
+class _Http:
+    """One backend's HTTP: a client for threads and one for asyncio (opened on first use, on the
+    caller's event loop), with the same base URL, headers and timeout; transport errors become
+    retryable BackendErrors naming the backend."""
 
-    Both share one request body and one answer parser; each keeps its own connection pool
-    (an httpx.AsyncClient is opened on first use, on the caller's event loop).
-    """
+    def __init__(self, name: str, base_url: str, api_key: str | None, timeout_s: float,
+                 transport: httpx.BaseTransport | None, async_transport: httpx.AsyncBaseTransport | None):
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.name = name
+        self._options = dict(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
+        self._sync = httpx.Client(transport=transport, **self._options)
+        self._async_transport = async_transport
+        self._async: httpx.AsyncClient | None = None
+
+    def send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return self._sync.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.name} unreachable: {exc}") from exc
+
+    async def asend(self, method: str, path: str, **kwargs) -> httpx.Response:
+        if self._async is None:
+            self._async = httpx.AsyncClient(transport=self._async_transport, **self._options)
+        try:
+            return await self._async.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"{self.name} unreachable: {exc}") from exc
+
+    def close(self) -> None:
+        self._sync.close()
+
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.aclose()
+            self._async = None
+
+
+class ServiceBackend:
+    """The FastAPI service (`sdxl-lora serve`): `generate` for threads, `agenerate` for asyncio,
+    sharing one request body and one answer parser."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 300.0,
                  transport: httpx.BaseTransport | None = None, async_transport: httpx.AsyncBaseTransport | None = None):
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._options = dict(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout_s)
-        self._http = httpx.Client(transport=transport, **self._options)
-        self._async_transport = async_transport
-        self._ahttp: httpx.AsyncClient | None = None
+        self._http = _Http("service", base_url, api_key, timeout_s, transport, async_transport)
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
-        try:
-            response = self._http.post("/v1/generate", json=_body(request))
-        except httpx.HTTPError as exc:
-            raise BackendError(f"service unreachable: {exc}") from exc
-        return _service_answer(response)
+        return _service_answer(self._http.send("POST", "/v1/generate", json=_body(request)))
 
     async def agenerate(self, request: GenerateRequest) -> GenerateResponse:
-        if self._ahttp is None:
-            self._ahttp = httpx.AsyncClient(transport=self._async_transport, **self._options)
-        try:
-            response = await self._ahttp.post("/v1/generate", json=_body(request))
-        except httpx.HTTPError as exc:
-            raise BackendError(f"service unreachable: {exc}") from exc
-        return _service_answer(response)
+        return _service_answer(await self._http.asend("POST", "/v1/generate", json=_body(request)))
 
     def close(self) -> None:
         self._http.close()
 
     async def aclose(self) -> None:
-        if self._ahttp is not None:
-            await self._ahttp.aclose()
-            self._ahttp = None
+        await self._http.aclose()
 
 
 def _body(request: GenerateRequest) -> dict:
@@ -110,57 +128,37 @@ class RunPodBackend:
                  timeout_s: float = 300.0, poll_interval_s: float = 1.0, transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None):
         root = base_url.rstrip("/") + (f"/{endpoint_id}" if endpoint_id else "")
-        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-        self._options = dict(base_url=root, headers=headers, timeout=timeout_s)
-        self._http = httpx.Client(transport=transport, **self._options)
-        self._async_transport = async_transport
-        self._ahttp: httpx.AsyncClient | None = None
+        self._http = _Http("RunPod", root, api_key, timeout_s, transport, async_transport)
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
 
     def generate(self, request: GenerateRequest) -> GenerateResponse:
         deadline = time.monotonic() + self.timeout_s
-        body = _runpod_answer(self._send("POST", "/runsync", json={"input": _body(request)}))
+        body = _runpod_answer(self._http.send("POST", "/runsync", json={"input": _body(request)}))
         while _still_running(body, deadline, self.timeout_s):
             time.sleep(self.poll_interval_s)
-            response = self._send("GET", f"/status/{body['id']}")
+            response = self._http.send("GET", f"/status/{body['id']}")
             if response.status_code == 405:  # the SDK's local server only has POST /status
-                response = self._send("POST", f"/status/{body['id']}")
+                response = self._http.send("POST", f"/status/{body['id']}")
             body = _runpod_answer(response)
         return _runpod_output(body)
 
     async def agenerate(self, request: GenerateRequest) -> GenerateResponse:
         deadline = time.monotonic() + self.timeout_s
-        body = _runpod_answer(await self._asend("POST", "/runsync", json={"input": _body(request)}))
+        body = _runpod_answer(await self._http.asend("POST", "/runsync", json={"input": _body(request)}))
         while _still_running(body, deadline, self.timeout_s):
             await asyncio.sleep(self.poll_interval_s)
-            response = await self._asend("GET", f"/status/{body['id']}")
+            response = await self._http.asend("GET", f"/status/{body['id']}")
             if response.status_code == 405:
-                response = await self._asend("POST", f"/status/{body['id']}")
+                response = await self._http.asend("POST", f"/status/{body['id']}")
             body = _runpod_answer(response)
         return _runpod_output(body)
-
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
-        try:
-            return self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"RunPod unreachable: {exc}") from exc
-
-    async def _asend(self, method: str, path: str, **kwargs) -> httpx.Response:
-        if self._ahttp is None:
-            self._ahttp = httpx.AsyncClient(transport=self._async_transport, **self._options)
-        try:
-            return await self._ahttp.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"RunPod unreachable: {exc}") from exc
 
     def close(self) -> None:
         self._http.close()
 
     async def aclose(self) -> None:
-        if self._ahttp is not None:
-            await self._ahttp.aclose()
-            self._ahttp = None
+        await self._http.aclose()
 
 
 def _runpod_answer(response: httpx.Response) -> dict:
