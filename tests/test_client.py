@@ -242,8 +242,9 @@ def test_direct_path_passes_the_lora_in_the_models_field(store, files):
             "job", clips(files), "kling_v21", "char")
     assert result.path == "direct" and result.lora_url == "https://weights.example/kling-char.safetensors"
     assert [c["input"].get("lora_weights") for c in fake.calls] == [result.lora_url] * 3
-    assert fake.calls[0]["input"]["start_image"] == files.url("face.png")
-    assert fake.calls[0]["prefer"].startswith("wait")
+    first_clip = next(c for c in fake.calls if "walks into the bar" in c["input"]["prompt"])  # clips run side by side
+    assert first_clip["input"]["start_image"] == files.url("face.png")
+    assert all(c["prefer"].startswith("wait") for c in fake.calls)
     assert all(c.video_url and c.video_url.endswith(".mp4") for c in result.clips)
     rows = assert_costs_consistent(store, "job")
     assert [(r["api_name"], r["cost"]) for r in rows] == [("lora_direct", 0.0001)] * 3
