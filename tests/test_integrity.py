@@ -190,3 +190,23 @@ def test_partials_count_against_the_cache_cap(files, tmp_path):
     assert first.partials() == (1, size)
     first.fetch("two", files.url("a.safetensors"))  # 2 files + the partial > the cap: "one" goes
     assert [entry.lora_id for entry in first.entries()] == ["two"]
+
+
+def test_reading_a_lora_leaves_no_python_allocations_behind(engine, make_lora):
+    """Issue 13 item 7: RSS grew ~14 KiB per activation while safetensors' `safe_open().get_tensor`
+    (0.7.0 and 0.8.0) kept ~2 pymalloc blocks per tensor read (608 per file of 304 tensors).
+    `read_lora` reads the bytes once and uses `safetensors.torch.load`, which keeps none."""
+    import gc
+
+    from inference.lora_compat import read_lora
+
+    path = make_lora(seed=5, text_encoders=True)
+    for _ in range(3):
+        read_lora(engine.txt2img, path)
+    gc.collect()
+    before = sys.getallocatedblocks()
+    for _ in range(50):
+        read_lora(engine.txt2img, path)
+    gc.collect()
+    per_read = (sys.getallocatedblocks() - before) / 50
+    assert per_read < 5, f"{per_read:.1f} Python blocks kept per read (a file here has hundreds of tensors)"
