@@ -62,3 +62,15 @@ def test_soak_churn_reports_memory_after_warm_up():
     result = churn(activations=40, loras=4, max_resident=2, generate_every=20, warmup=8, as_json=True)
     assert result["rss_after_warmup_mb"] > 0 and result["rss_end_mb"] > 0 and len(result["rss_samples_mb"]) == 20
     assert result["adapter_injections"] >= 2
+
+
+def test_compile_bench_finds_resident_switches_compiling_again():
+    """The README's reason for offering no compile setting; if a torch release stops recompiling
+    on a resident switch, this fails and the decision is worth revisiting."""
+    from sdxl_lora_tools.bench.compile import run
+
+    result = run(size="tiny", backend="eager", steps=1, requests=4, as_json=True)  # eager: dynamo's guards, no codegen
+    by_step = {s["step"]: s for s in result["steps_seen"]}
+    assert result["a_b_a_identical"]
+    assert by_step["A again"]["new_graphs"] == 0
+    assert by_step["A (resident switch)"]["new_graphs"] >= 1
