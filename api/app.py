@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import Metrics
 from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
-from inference.deadline import Deadline
+from inference.deadline import Deadline, timed_out
 from inference.errors import HTTP_STATUS, ErrorCode, RequestCancelled, ServiceError
 from inference.settings import Settings
 
@@ -400,8 +400,7 @@ class _State:
                 if ticket.deadline.remaining() < -DEADLINE_SLACK_S:
                     ticket.cancel.set()
                     future.add_done_callback(_discard)
-                    raise ServiceError(ErrorCode.TIMEOUT, f"the request ran past its {ticket.deadline.seconds:g} s "
-                                       "deadline (SDXL_LORA_REQUEST_TIMEOUT_S)")
+                    raise timed_out(ticket.deadline)
                 if drain_over.done():
                     with ticket.lock:
                         if not ticket.started:
@@ -439,8 +438,7 @@ class _State:
             if ticket.cancel.is_set():
                 raise RequestCancelled("the client hung up while the request waited for the pipeline")
             if ticket.deadline.expired:
-                raise ServiceError(ErrorCode.TIMEOUT, f"the request waited for the pipeline past its "
-                                   f"{ticket.deadline.seconds:g} s deadline (SDXL_LORA_REQUEST_TIMEOUT_S)")
+                raise timed_out(ticket.deadline, "while waiting for the pipeline")
             if self.turn.acquire(timeout=0.05):
                 break
         with ticket.lock:

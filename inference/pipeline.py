@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from inference.adapters import AdapterCache
-from inference.deadline import Deadline
+from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, RequestCancelled, ServiceError
 from inference.lora_store import LoraFile
 from inference.quiet import quiet_libraries
@@ -146,7 +146,7 @@ class Engine:
         free at once, its adapters as they were: interrupting never leaves half-applied state."""
         stop = _StopCheck(deadline, cancel)
         if not self.lock.acquire(timeout=max(0.0, deadline.remaining()) if deadline else -1):
-            raise stop.timed_out("while waiting for the pipeline")
+            raise timed_out(deadline, "while waiting for the pipeline")
         try:
             started = time.perf_counter()
             sources = self.adapters.activate(job.loras)
@@ -212,12 +212,8 @@ class _StopCheck:
             raise RequestCancelled(f"generation stopped {where}: the caller went away")
         if self.deadline is not None and self.deadline.expired:
             log.info("generation stopped %s: past the request's deadline", where)
-            raise self.timed_out(where)
+            raise timed_out(self.deadline, f"and was stopped {where}")
 
-    def timed_out(self, where: str) -> ServiceError:
-        seconds = self.deadline.seconds if self.deadline else 0
-        return ServiceError(ErrorCode.TIMEOUT, f"the request ran past its {seconds:g} s deadline "
-                            f"(SDXL_LORA_REQUEST_TIMEOUT_S) and was stopped {where}")
 
 
 def _load_txt2img(pipeline_cls, model: str, dtype: torch.dtype, vae=None):

@@ -16,13 +16,13 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
 
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, ImageOut, LoraOut, ModelOut, Timings
-from inference.deadline import Deadline
+from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client
 from inference.images import MIME, decode_image, encode_image
@@ -106,7 +106,8 @@ class InferenceService:
             self.scorer = IdentityScorer(resolve_model(model), device=self.engine.device, dtype=self.engine.dtype)
             self.identity = "ready"
         except Exception as exc:  # an optional score never takes the worker down
-            self.identity = f"failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.identity = f"failed: {type(exc).__name__}: {first_line}"
             self._warn(f"identity model {model} did not load ({self.identity}); images come without identity_score")
 
     @property
@@ -150,7 +151,7 @@ class InferenceService:
             raise ServiceError(ErrorCode.INVALID_REQUEST, "delivery 'url' needs SDXL_LORA_S3_BUCKET on the service")
 
         progress("fetch")
-        lora_futures = [self._fetch_pool.submit(self.store.fetch, l.id, l.url, l.sha256) for l in request.loras]
+        lora_futures = self._start_fetches(request)
         reference = self.load_reference(request.image, deadline) if request.image else None
         lora_files = self._wait_for_fetches(lora_futures, deadline)
         fetched = time.perf_counter()
@@ -202,15 +203,19 @@ class InferenceService:
             ),
         )
 
-    def _wait_for_fetches(self, futures, deadline: Deadline) -> list[LoraFile]:
+    def _start_fetches(self, request: GenerateRequest) -> list[Future]:
+        """The request's LoRAs fetched side by side (from the disk cache, or downloaded into it)."""
+        return [self._fetch_pool.submit(self.store.fetch, spec.id, spec.url, spec.sha256) for spec in request.loras]
+
+    @staticmethod
+    def _wait_for_fetches(futures: list[Future], deadline: Deadline) -> list[LoraFile]:
         """The LoRA files, or `timeout` once the deadline passes. A download still under way goes on
         (to its own deadline) and lands in the cache, so a retry finds it there."""
         try:
             return [future.result(timeout=max(0.0, deadline.remaining())) for future in futures]
         except FutureTimeout:
-            raise ServiceError(ErrorCode.TIMEOUT, f"fetching the LoRAs took longer than the request's "
-                               f"{deadline.seconds:g} s (SDXL_LORA_REQUEST_TIMEOUT_S); the download goes on "
-                               f"and will be in the cache for a retry") from None
+            raise timed_out(deadline, "while fetching the LoRAs; the download goes on and will be in the "
+                                      "cache for a retry") from None
 
     def _generate_from_the_cache(self, engine: Engine, job: GenerationJob, request: GenerateRequest,
                                  deadline: Deadline, cancel: threading.Event | None):
@@ -218,24 +223,26 @@ class InferenceService:
         says (or that another worker sharing the cache evicted meanwhile) is fetched again once, and
         the request answered as a fresh download; a file the pipeline refuses is dropped from it."""
         try:
-            return engine.generate(job, deadline, cancel), [lora for lora, _ in job.loras]
-        except (CorruptEntry, FileNotFoundError) as exc:
-            if isinstance(exc, CorruptEntry):
-                log.warning("%s; evicting it and fetching %s again", exc, exc.lora.lora_id)
-                self.store.discard(exc.lora)
-            else:
-                log.info("a LoRA file left the shared cache before it was loaded; fetching it again")
-        except ServiceError as exc:
-            if exc.lora is not None and exc.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE):
-                self.store.discard(exc.lora)
-            raise
-        lora_files = [self.store.fetch(spec.id, spec.url, spec.sha256) for spec in request.loras]
+            return self._generate_dropping_refused(engine, job, deadline, cancel), [lora for lora, _ in job.loras]
+        except CorruptEntry as exc:
+            log.warning("%s; evicting it and fetching %s again", exc, exc.lora.lora_id)
+            self.store.discard(exc.lora)
+        except FileNotFoundError:
+            log.info("a LoRA file left the shared cache before it was loaded; fetching it again")
+        lora_files = self._wait_for_fetches(self._start_fetches(request), deadline)
         job.loras = [(f, spec.scale) for f, spec in zip(lora_files, request.loras)]
         try:
-            return engine.generate(job, deadline, cancel), lora_files
+            return self._generate_dropping_refused(engine, job, deadline, cancel), lora_files
         except (CorruptEntry, FileNotFoundError) as exc:
             raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, "the LoRA changed or left the cache again while "
                                "it was loaded (a cache shared with a misbehaving writer, or too small?)") from exc
+
+    def _generate_dropping_refused(self, engine: Engine, job: GenerationJob, deadline: Deadline,
+                                   cancel: threading.Event | None):
+        """engine.generate; a LoRA file the pipeline refuses leaves the disk cache (it would be refused
+        again, and would hold cache room meanwhile)."""
+        try:
+            return engine.generate(job, deadline, cancel)
         except ServiceError as exc:
             if exc.lora is not None and exc.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE):
                 self.store.discard(exc.lora)
@@ -263,8 +270,7 @@ class InferenceService:
                               s3_client_factory=self._s3_client)
             except FetchError as exc:
                 if deadline is not None and deadline.expired:
-                    raise ServiceError(ErrorCode.TIMEOUT, f"fetching the reference image took longer than the "
-                                       f"request's {deadline.seconds:g} s (SDXL_LORA_REQUEST_TIMEOUT_S)") from exc
+                    raise timed_out(deadline, "while fetching the reference image") from exc
                 raise ServiceError(ErrorCode.IMAGE_INVALID, f"cannot fetch the reference image: {exc}") from exc
             data = buffer.getvalue()
         else:
@@ -297,8 +303,7 @@ class InferenceService:
 
 def _check(deadline: Deadline, where: str) -> None:
     if deadline.expired:
-        raise ServiceError(ErrorCode.TIMEOUT, f"the request ran past its {deadline.seconds:g} s deadline "
-                           f"(SDXL_LORA_REQUEST_TIMEOUT_S) {where}")
+        raise timed_out(deadline, where)
 
 
 def _ms(seconds: float) -> float:
