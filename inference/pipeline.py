@@ -215,7 +215,6 @@ class _StopCheck:
             raise timed_out(self.deadline, f"and was stopped {where}")
 
 
-
 def _load_txt2img(pipeline_cls, model: str, dtype: torch.dtype, vae=None):
     kwargs = dict(dtype=dtype, use_safetensors=True, **({"vae": vae} if vae is not None else {}))
     variant = weights_variant(model, dtype)

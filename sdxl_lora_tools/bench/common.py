@@ -23,6 +23,19 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()} CPU x{os.cpu_count()}, torch {torch.__version__}"
 
 
+def quiet_adapter_loads() -> None:
+    """Thousands of adapter loads: transformers' per-load report (30 lines for every text-encoder
+    LoRA injected next to another) and PEFT's multiple-adapters warning would bury the table."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
+
+
 def synthetic_model(size: str) -> Path:
     from inference.synthetic import write_model
 

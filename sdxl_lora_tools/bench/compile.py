@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from sdxl_lora_tools.bench.common import BENCH_CACHE, emit_json, lora_files, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import (BENCH_CACHE, emit_json, lora_files, machine, print_table, quiet_adapter_loads,
+                                          synthetic_model)
 
 PROMPT = "a photo of a person"
 
@@ -28,9 +29,8 @@ def run(size: str = "tiny", backend: str = "inductor", steps: int = 3, requests:
 
     from inference.lora_store import LoraStore
     from inference.pipeline import Engine, GenerationJob
-    from inference.quiet import quiet_libraries
 
-    quiet_libraries()
+    quiet_adapter_loads()
     model = synthetic_model(size)
     engine = Engine(str(model), device="auto", max_resident_adapters=2)
     store = LoraStore(Path(tempfile.mkdtemp(prefix="compile-", dir=BENCH_CACHE)), max_cache_bytes=1 << 40,

@@ -37,7 +37,8 @@ import threading
 import time
 from pathlib import Path
 
-from sdxl_lora_tools.bench.common import BENCH_CACHE, emit_json, lora_files, machine, percentile, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import (BENCH_CACHE, emit_json, lora_files, machine, percentile, print_table,
+                                          quiet_adapter_loads, synthetic_model)
 
 PROMPT = "a portrait photo of a character"
 OOM_MARK = "[inject-oom]"
@@ -55,19 +56,6 @@ KINDS = {  # kind -> (expected status, expected code, weight in the mix)
     "oom": (503, "out_of_memory", 4),
 }
 INJECTED_5XX = {"oom"}
-
-
-def quiet_libraries() -> None:
-    """Thousands of adapter loads: transformers' per-load report (30 lines for every text-encoder
-    LoRA injected next to another) and PEFT's multiple-adapters warning would bury the table."""
-    import warnings
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    diffusers_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", message=".*Already found a `peft_config` attribute.*")
 
 
 def rss_bytes() -> int:
@@ -272,7 +260,7 @@ def run(duration: float = 120, clients: int = 8, loras: int = 20, max_resident: 
     from inference.service import InferenceService
     from inference.settings import Settings
 
-    quiet_libraries()
+    quiet_adapter_loads()
     warmup_s = min(30.0, max(2.0, duration / 4)) if warmup_s is None else warmup_s
     model = synthetic_model(size)
     resolution = 64 if size == "tiny" else 512
@@ -374,7 +362,7 @@ def churn(activations: int = 10_000, loras: int = 20, max_resident: int = 4, gen
     from inference.lora_store import LoraStore
     from inference.pipeline import Engine, GenerationJob
 
-    quiet_libraries()
+    quiet_adapter_loads()
     model = synthetic_model(size)
     engine = Engine(str(model), device="cpu", dtype="float32", max_resident_adapters=max_resident)
     paths = (lora_files(engine.txt2img, BENCH_CACHE / f"soak-loras-{size}", loras - loras // 2, rank)
