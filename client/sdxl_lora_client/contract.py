@@ -67,13 +67,29 @@ Steps = json_int(ge=1, le=100)
 ImageCount = json_int(ge=1, le=8)
 
 
+# A LoRA source is a URL of one of three schemes; anything else is an invalid request, not a failed
+# download. The pattern reaches the JSON Schema, so generated clients and fuzzers see the same rule.
+LoraUrl = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^(https?|s3)://[^\s]+$",
+                               description="https://, http:// or s3:// location of the .safetensors file")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
+
+
+def _each_id_once(loras: list) -> list:
+    ids = [lora.id for lora in loras]
+    if len(set(ids)) != len(ids):
+        raise ValueError("each LoRA id may appear once per request")
+    return loras
+
+
 class LoraSpec(BaseModel):
     model_config = STRICT
 
-    id: str = Field(min_length=1, max_length=200, description="Stable LoRA id: the cache key. Treated as immutable.")
-    url: str = Field(min_length=1, max_length=4096, description="https://, http:// or s3:// location of the .safetensors file")
+    id: str = Field(min_length=1, max_length=200,
+                    description="Names a character's weights; the weights themselves are identified by content "
+                                "(sha256), so an id pointed at another URL is fetched again.")
+    url: LoraUrl
     scale: float = Field(1.0, ge=-4.0, le=4.0)
-    sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="expected sha256 of the file")
+    sha256: Sha256 | None = Field(None, description="expected sha256 of the file")
 
 
 class OutputSpec(BaseModel):
@@ -100,13 +116,7 @@ class GenerateRequest(BaseModel):
     num_images: ImageCount = 1
     output: OutputSpec = Field(default_factory=OutputSpec)
 
-    @field_validator("loras")
-    @classmethod
-    def _unique_ids(cls, loras: list[LoraSpec]) -> list[LoraSpec]:
-        ids = [lora.id for lora in loras]
-        if len(set(ids)) != len(ids):
-            raise ValueError("each LoRA id may appear once per request")
-        return loras
+    _unique_ids = field_validator("loras")(_each_id_once)
 
     @model_validator(mode="after")
     def _both_sides_or_neither(self) -> GenerateRequest:
@@ -162,6 +172,36 @@ class GenerateResponse(BaseModel):
     loras: list[LoraOut]
     model: ModelOut
     timings_ms: Timings
+
+
+class PrefetchLora(BaseModel):
+    """A LoRA to put into the service's disk cache: a generate request's LoRA without the scale."""
+    model_config = STRICT
+
+    id: str = Field(min_length=1, max_length=200)
+    url: LoraUrl
+    sha256: Sha256 | None = Field(None, description="expected sha256 of the file")
+
+
+class PrefetchRequest(BaseModel):
+    """Body of POST /v1/loras/prefetch and `input.prefetch` of a RunPod job."""
+    model_config = STRICT
+
+    loras: list[PrefetchLora] = Field(min_length=1, max_length=16)
+
+    _unique_ids = field_validator("loras")(_each_id_once)
+
+
+class PrefetchOutcome(BaseModel):
+    id: str
+    sha256: str | None = None
+    status: Literal["cached", "failed"]
+    code: ErrorCode | None = None
+    message: str | None = None
+
+
+class PrefetchResponse(BaseModel):
+    loras: list[PrefetchOutcome]
 
 
 class ErrorBody(BaseModel):
