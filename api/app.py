@@ -33,6 +33,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.check_page import add_check_page
 from api.metrics import Metrics
 from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
 from inference.deadline import Deadline, timed_out
@@ -144,6 +145,7 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
             raise ServiceError(ErrorCode.BUSY, "the service is still starting")
         return state.service.adapters()
 
+    add_check_page(app)
     return app
 
 
