@@ -153,15 +153,16 @@ function addRow(prompt, reference) {
 }
 
 function tile(prompt, { scale, strength }, image) {
-  const label = [`scale ${scale}`, strength === null ? "txt2img" : `strength ${strength}`, `seed ${image.seed}`];
+  const variantLabel = `scale ${scale} · ${strength === null ? "txt2img" : `strength ${strength}`}`;
+  const resultLabel = [`seed ${image.seed}`];
   const fig = figure("tile", `data:${image.mime};base64,${image.base64}`, "");
   Object.assign(fig.dataset, { prompt, scale: String(scale), seed: String(image.seed) });
   if (strength !== null) fig.dataset.strength = String(strength);
   if (image.identity_score != null) {
     fig.dataset.identityScore = String(image.identity_score);
-    label.push(`id ${image.identity_score.toFixed(3)}`);
+    resultLabel.push(`id ${image.identity_score.toFixed(3)}`);
   }
-  fig.querySelector("img").alt = fig.querySelector("figcaption").textContent = label.join(" · ");
+  fig.querySelector("img").alt = fig.querySelector("figcaption").textContent = `${variantLabel}\n${resultLabel.join(" · ")}`;
   return fig;
 }
 
@@ -245,7 +246,7 @@ function contactSheet() {
       if (img?.src.startsWith("data:")) drawFitted(ctx, img, x, top + header, cell);
       else ctx.strokeRect(x + 0.5, top + header + 0.5, cell - 1, cell - 1);
       ctx.fillStyle = "#000";
-      ctx.fillText(fig.querySelector("figcaption").textContent, x, top + header + cell + 15, cell);
+      ctx.fillText(fig.querySelector("figcaption").textContent.replace("\n", " · "), x, top + header + cell + 15, cell);
     });
   });
   return canvas.toDataURL("image/png");
