@@ -69,15 +69,19 @@ def lora_server(tmp_path_factory, make_lora):
         yield server
 
 
-def _service(tmp_path_factory, tiny_model, api_key: str | None):
+def _service(tmp_path_factory, tiny_model, **settings):
     settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path_factory.mktemp("page-cache"),
-                        allow_private_urls=True, api_key=api_key)
+                        allow_private_urls=True, **settings)
     return LiveServer(create_app(settings))
 
 
 @pytest.fixture(scope="module")
 def service_url(tmp_path_factory, tiny_model):
-    with _service(tmp_path_factory, tiny_model, api_key=None) as base:
+    """Without an API key, with a (tiny, random) identity model: img2img tiles carry a score."""
+    from inference.identity import write_tiny_clip
+
+    clip = write_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
+    with _service(tmp_path_factory, tiny_model, identity_model=str(clip)) as base:
         wait_ready(base)
         yield base
 
@@ -137,11 +141,12 @@ def tile_image(tile) -> bytes:
     return base64.b64decode(src.split(",", 1)[1])
 
 
-def generate(base: str, body: dict, key: str | None = None) -> bytes:
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    response = httpx.post(f"{base}/v1/generate", json=body, headers=headers, timeout=120)
+def generate(base: str, body: dict) -> tuple[bytes, float | None]:
+    """The image /v1/generate returns for `body`, and its identity score."""
+    response = httpx.post(f"{base}/v1/generate", json=body, timeout=120)
     assert response.status_code == 200, response.text
-    return base64.b64decode(response.json()["images"][0]["base64"])
+    image = response.json()["images"][0]
+    return base64.b64decode(image["base64"]), image.get("identity_score")
 
 
 # -- the tests ------------------------------------------------------------------------------------
@@ -163,14 +168,14 @@ def test_two_prompts_two_scales_give_four_labelled_tiles_with_the_services_bytes
     for tile in tiles.values():
         assert tile.get_attribute("data-seed") == "5"
         assert tile.get_attribute("data-strength") is None  # txt2img: strengths do not apply
-        assert tile.get_attribute("data-identity-score") is None  # this service has no identity model
+        assert tile.get_attribute("data-identity-score") is None  # no reference, nothing to score against
         assert f"scale {tile.get_attribute('data-scale')}" in tile.text and "seed 5" in tile.text
 
     with_lora, baseline = tile_image(tiles["a red fox", "1"]), tile_image(tiles["a red fox", "0"])
     assert with_lora != baseline
     body = {"prompt": "a red fox", "seed": 5, "num_inference_steps": 2, "width": 64, "height": 64}
-    assert generate(service_url, {**body, "loras": [{"id": "a", "url": url, "scale": 1}]}) == with_lora
-    assert generate(service_url, body) == baseline
+    assert generate(service_url, {**body, "loras": [{"id": "a", "url": url, "scale": 1}]})[0] == with_lora
+    assert generate(service_url, body)[0] == baseline
 
     # The picker now offers the LoRA the service cached, with the file's sha256.
     sha256 = hashlib.sha256((lora_server.root / "a.safetensors").read_bytes()).hexdigest()
@@ -181,6 +186,11 @@ def test_two_prompts_two_scales_give_four_labelled_tiles_with_the_services_bytes
     Select(picker).select_by_index(1)
     assert by_testid(browser, "lora-sha256").get_attribute("value") == sha256
     assert by_testid(browser, "lora-id").get_attribute("value") == "a"
+    # As the page says: picked by id and sha256, the cached file is served; the URL is not fetched.
+    fill(browser, lora_url=lora_server.url("gone.safetensors"), prompts="a red fox", scales="1")
+    run(browser)
+    assert error_text(browser) == "" and lora_server.hits["/gone.safetensors"] == 0
+    assert tile_image(by_testid(browser, "tile")) == with_lora
 
 
 def test_contact_sheet_downloads_as_one_png_of_all_rows(browser, service_url, lora_server):
@@ -215,7 +225,11 @@ def test_uploaded_reference_runs_img2img_at_each_strength(browser, service_url, 
     data_uri = "data:image/png;base64," + base64.b64encode(reference.read_bytes()).decode()
     body = {"prompt": "a portrait", "seed": 5, "num_inference_steps": 4, "width": 64, "height": 64,
             "image": data_uri, "strength": 0.5}
-    assert generate(service_url, body) == tile_image(tiles[0])
+    image, score = generate(service_url, body)
+    [first] = [t for t in tiles if (t.get_attribute("data-strength"), t.get_attribute("data-scale")) == ("0.5", "0")]
+    assert image == tile_image(first)
+    assert score is not None and float(first.get_attribute("data-identity-score")) == score
+    assert f"id {score:.3f}" in first.text
 
 
 def test_missing_lora_shows_its_code_and_the_next_run_works(browser, service_url, lora_server):
