@@ -107,7 +107,7 @@ def all_by_testid(driver, testid: str) -> list:
 def wait_for(driver, condition) -> None:
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: condition(d))
+    WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition)
 
 
 def open_page(driver, base: str) -> None:
@@ -249,7 +249,6 @@ def test_missing_lora_shows_its_code_and_the_next_run_works(browser, service_url
 
 
 def test_api_key_is_asked_for_checked_and_kept_in_session_storage_only(browser, keyed_service_url, lora_server):
-    browser.get("about:blank")  # a fresh page load; session storage of the other origin does not apply
     open_page(browser, keyed_service_url)
     key_field = by_testid(browser, "api-key")
     assert key_field.is_displayed()

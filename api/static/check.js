@@ -93,7 +93,13 @@ async function readReference() {
 }
 
 function idFromUrl(url) {
-  const name = new URL(url).pathname.split("/").filter(Boolean).pop() || "lora";
+  let path;
+  try {
+    path = new URL(url).pathname;
+  } catch {
+    throw new RequestFailed("invalid_request", `lora-url: ${url} is not a URL`);
+  }
+  const name = path.split("/").filter(Boolean).pop() || "lora";
   return name.replace(/\.(safetensors|tar|tar\.gz)$/, "");
 }
 
