@@ -43,6 +43,7 @@ def engine(tiny_model):
 def files(tmp_path_factory, make_lora):
     root = tmp_path_factory.mktemp("served")
     (root / "a.safetensors").write_bytes(make_lora(seed=1, text_encoders=True).read_bytes())
+    (root / "b.safetensors").write_bytes(make_lora(seed=2).read_bytes())
     (root / "bundle.tar").write_bytes(make_lora(seed=3, fmt="replicate").read_bytes())
     sd15_shaped_lora(root / "sd15.safetensors")
     with FileServer(root) as server:
@@ -98,7 +99,7 @@ def test_a_damaged_cache_entry_is_fetched_again_and_never_served(engine, files, 
         first = post(base, lora)
         expected = image(first)
         engine.adapters.clear()  # the next request reads the file from disk again
-        [cached] = (tmp_path / "cache").glob("a_*.safetensors")
+        cached = tmp_path / "cache" / f"{sha}.safetensors"
         DAMAGE[damage](cached)
         hits = files.hits["/a.safetensors"]
 
@@ -117,7 +118,7 @@ def test_a_bundle_whose_files_changed_is_fetched_again(engine, files, tmp_path):
         expected = image(post(base, lora))
         for name in ("lora.safetensors", "embeddings.pti"):
             engine.adapters.clear()
-            [entry] = (tmp_path / "cache").glob("bundle.*.bundle")
+            [entry] = (tmp_path / "cache").glob("*.bundle")
             flip_a_byte(entry / name)
             again = post(base, lora)
             assert image(again) == expected and again.json()["loras"][0]["source"] == "download", name
@@ -138,7 +139,7 @@ def test_a_refused_lora_does_not_stay_in_the_cache(engine, files, tmp_path):
     with service(engine, tmp_path / "cache") as (base, svc):
         response = post(base, {"id": "sd15", "url": files.url("sd15.safetensors")})
         assert response.json()["error"]["code"] == "lora_incompatible"
-        assert list((tmp_path / "cache").glob("sd15*")) == []
+        assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [], "no entry, id record or lock"
         listed = httpx.get(f"{base}/v1/adapters").json()
         assert [entry["id"] for entry in listed["disk"]] == []
         hits = files.hits["/sd15.safetensors"]
@@ -182,13 +183,13 @@ def test_a_killed_download_leaves_a_partial_that_the_next_start_sweeps(files, tm
 
 def test_partials_count_against_the_cache_cap(files, tmp_path):
     cache = tmp_path / "cache"
-    size = (files.root / "a.safetensors").stat().st_size
+    size, other = ((files.root / name).stat().st_size for name in ("a.safetensors", "b.safetensors"))
     first = store(cache)
-    first.max_cache_bytes = 2 * size + size // 2
+    first.max_cache_bytes = size + other + size // 2
     first.fetch("one", files.url("a.safetensors"))
     (cache / ".tmp" / f"{id_slug('other')}-x.part").write_bytes(b"\0" * size)  # another process's download
     assert first.partials() == (1, size)
-    first.fetch("two", files.url("a.safetensors"))  # 2 files + the partial > the cap: "one" goes
+    first.fetch("two", files.url("b.safetensors"))  # 2 files + the partial > the cap: "one" goes
     assert [entry.lora_id for entry in first.entries()] == ["two"]
 
 
