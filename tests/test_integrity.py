@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -145,6 +146,37 @@ def test_a_refused_lora_does_not_stay_in_the_cache(engine, files, tmp_path):
         hits = files.hits["/sd15.safetensors"]
         assert post(base, {"id": "sd15", "url": files.url("sd15.safetensors")}).status_code == 422
         assert files.hits["/sd15.safetensors"] == hits + 1, "refused again from a fresh download, not from disk"
+
+
+# -- logs --------------------------------------------------------------------------------------------
+
+FORGED = "\n2026-01-01 INFO inference.service: forged line\r\u2028\x85"  # line breaks of every kind
+
+
+def test_user_values_cannot_start_a_log_line(engine, files, tmp_path, caplog):
+    """Issue 22 item 3: a newline in a LoRA id forged a log line (seen with the refetch warning). The
+    paths that log a user's value run here, with line breaks in the id, the prompt and a RunPod job
+    id; every record of ours stays one line, and the values appear escaped."""
+    import logging
+
+    from handler.worker import make_handler
+
+    sha = hashlib.sha256((files.root / "a.safetensors").read_bytes()).hexdigest()
+    lora = {"id": f"char{FORGED}", "url": files.url("a.safetensors")}
+    with caplog.at_level(logging.INFO), service(engine, tmp_path / "cache") as (base, svc):
+        expected = image(post(base, lora, prompt=f"TOK{FORGED}"))  # fetched, injected
+        engine.adapters.clear()  # evicted
+        flip_a_byte(tmp_path / "cache" / f"{sha}.safetensors")
+        assert image(post(base, lora, prompt=f"TOK{FORGED}")) == expected  # damaged: evicted and fetched again
+        failed = make_handler(svc)({"id": f"job{FORGED}", "input": {"prompt": FORGED, "image": "data:image/png;base64,"
+                                                                                            "AAAA"}})
+        assert json.loads(failed["error"])["code"] == "image_invalid"
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("inference", "api", "handler", "sdxl_lora")]
+    assert [m for m in ours if len(m.splitlines()) != 1] == []
+    escaped_id = repr(lora["id"])
+    for needle in ("fetched LoRA", "injected for", "evicted", "evicting it and fetching"):
+        assert any(needle in m and escaped_id in m for m in ours), (needle, ours)
+    assert any(repr(f"job{FORGED}") in m for m in ours), ours
 
 
 # -- partial downloads ------------------------------------------------------------------------------
