@@ -179,7 +179,7 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         except Exception:  # past every handler: answer it in the contract anyway
-            log.exception("unhandled error in %s", scope.get("path"))
+            log.exception("unhandled error in %r", scope.get("path"))
             if not answer["sent"]:
                 response = JSONResponse({"error": {"code": "internal", "message": "internal error"}}, status_code=500,
                                         headers={"x-error-code": "internal"})
@@ -207,28 +207,26 @@ def _bearer_check(api_key: str):
     return require_api_key
 
 
-class _BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: a request body larger than `limit` is refused as invalid_request (422).
 
     A declared Content-Length over the limit is answered before any of the body is read; a body
-    without one (chunked) is cut off once it passes the limit.
+    without one (chunked) is cut off once it passes the limit, with the same answer: an
+    HTTPException, which FastAPI lets through its body parsing (anything else there becomes
+    "There was an error parsing the body").
     """
 
     def __init__(self, app, limit: int):
         self.app = app
         self.limit = limit
+        self.message = f"the request body is larger than the {limit} bytes allowed"
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            message = f"the request body is larger than the {self.limit} bytes allowed"
-            response = JSONResponse({"error": {"code": "invalid_request", "message": message}}, status_code=422,
+            response = JSONResponse({"error": {"code": "invalid_request", "message": self.message}}, status_code=422,
                                     headers={"x-error-code": "invalid_request", "connection": "close"})
             return await response(scope, receive, send)
         received = 0
@@ -239,7 +237,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.limit:
-                    raise _BodyTooLarge(f"the request body is larger than the {self.limit} bytes allowed")
+                    raise StarletteHTTPException(422, self.message, headers={"connection": "close"})
             return message
 
         await self.app(scope, limited, send)

@@ -42,10 +42,10 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
         try:
             return service.generate(request, progress=report).model_dump(mode="json", exclude_none=True)
         except ServiceError as exc:
-            log.warning("job %s failed: %s %s", job.get("id"), exc.code.value, exc.message)
+            log.warning("job %r failed: %s %r", job.get("id"), exc.code.value, exc.message)
             return error_output(exc.code, exc.message)
         except Exception as exc:  # the worker must keep serving whatever one job does
-            log.exception("job %s failed unexpectedly", job.get("id"))
+            log.exception("job %r failed unexpectedly", job.get("id"))
             return error_output(ErrorCode.INTERNAL, f"internal error ({type(exc).__name__})")
 
     return handler

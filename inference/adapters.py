@@ -184,7 +184,7 @@ class AdapterCache:
             if "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
                 raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}") from exc
             raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}") from exc
-        log.info("adapter %s %s for %s in %.0f ms", name, "hot-swapped" if hotswap else "injected", lora.lora_id,
+        log.info("adapter %s %s for %r in %.0f ms", name, "hot-swapped" if hotswap else "injected", lora.lora_id,
                  (time.perf_counter() - started) * 1e3)
 
     def _load_tokens(self, lora: LoraFile) -> dict[str, str]:
@@ -214,11 +214,11 @@ class AdapterCache:
             self.fusing.unfuse()  # nothing can fail from here on
             self._active_state = None
             copy_in_place(plan, slot, name, unet_lora)
-            log.info("adapter %s hot-swapped for %s (copied in place)", name, lora.lora_id)
+            log.info("adapter %s hot-swapped for %r (copied in place)", name, lora.lora_id)
             return True
         refusal = hotswap_refusal(self.pipe.unet.peft_config[name], unet_lora.config)
         if refusal:
-            log.info("not hot-swapping %s into %s: %s", lora.lora_id, name, refusal[:200])
+            log.info("not hot-swapping %r into %s: %r", lora.lora_id, name, refusal[:200])
             return False
         self._inject(name, lora, weights, hotswap=True)
         give_each_module_its_scaling(self._named_unet_layers(), name, unet_lora)
@@ -228,7 +228,7 @@ class AdapterCache:
         adapter = self._resident.pop(key)
         self._purge(adapter.name)
         self._unload_tokens(adapter.tokens)
-        log.info("adapter %s (%s) evicted", adapter.name, adapter.lora.lora_id)
+        log.info("adapter %s (%r) evicted", adapter.name, adapter.lora.lora_id)
 
     def _purge(self, name: str) -> None:
         """Remove every trace of adapter `name`, even after a half-finished injection."""

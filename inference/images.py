@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from inference.errors import ErrorCode, ServiceError
 
@@ -27,6 +27,9 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ServiceError(ErrorCode.IMAGE_INVALID, f"image refused as a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:  # PIL's own message shows the buffer's repr (an object address)
+        raise ServiceError(ErrorCode.IMAGE_INVALID, f"cannot decode the image: {len(data)} bytes in no image "
+                           "format this service reads (PNG, JPEG, WebP, ...)") from exc
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ServiceError(ErrorCode.IMAGE_INVALID, f"cannot decode the image: {exc}") from exc
     image = ImageOps.exif_transpose(image).convert("RGB")

@@ -1,29 +1,43 @@
-"""LoRA files: fetched once, verified, cached on disk by LoRA id and content hash.
+"""LoRA files: fetched once, verified, cached on disk by content.
 
 A download streams into ``cache_dir/.tmp/``, is hashed on the way, checked against the expected
 sha256 when one is given, and parsed as safetensors (the header, by safetensors' own Rust
 parser: nothing is ever unpickled, `torch.load` is never called), then fsynced and renamed into
-``cache_dir`` in one step (a bundle's directory too). So the cache never holds a partial or unverified file, and every
-failure path removes its temp file.
+``cache_dir`` in one step (a bundle's directory too). So the cache never holds a partial or
+unverified file, and every failure path removes its temp file.
 
-Files are named ``{slug}-{sha256}.safetensors``; a Replicate-style ``.tar`` bundle is unpacked
-(see `inference.bundles`) into a directory ``{slug}-{sha256}.bundle/`` (sha256 of the tar). The
-slug is a filesystem-safe form of the LoRA id plus a hash of the raw id (ids may hold ``/`` or anything else; two ids never share a slug).
-The raw id is remembered in ``.ids/{slug}`` for listings.
+Layout of ``cache_dir``:
 
-**The LoRA id is treated as immutable.** With an expected sha256, only the file with that hash
-is a hit. Without one, any cached file for that id is a hit, whatever the URL now says: a new
-version of a LoRA needs a new id (or its sha256).
+- ``{sha256}.safetensors``: a LoRA file, named by its content: one file per content, whichever and
+  however many ids name it. A Replicate-style ``.tar`` bundle is unpacked (see `inference.bundles`)
+  into ``{sha256}.bundle/`` (sha256 of the tar).
+- ``.ids/{slug}.json``: one record per LoRA id (the slug: a filesystem-safe form of the id plus a
+  hash of it): the id, the content it was last fetched as, and the URL it came from (a hash of the
+  whole URL to compare, and the URL without its query string to read: presigned URLs carry
+  credentials there). A record goes with the last entry it names.
+- ``.locks/{slug}.lock``: held while that id is fetched, removed when the fetch ends.
+- ``.tmp/``: downloads and unpackings under way.
 
-A hit bumps the file's mtime: that is the LRU clock (atime is unreliable, network volumes
-included). After each download the least recently used files are evicted until the cache is
-within `max_cache_bytes`; the file being returned is never evicted, so one file larger than the
+**Identity.** Weights are identified by content. With an expected sha256, the entry of that
+content is a hit, whatever the id and the URL. Without one, an id's entry is a hit only while the
+id is asked for with the URL its record names: an id pointed at another URL is fetched again,
+never served the old file (the old file stays as long as the LRU keeps it: another id, or a request
+with its sha256, may still want it). A URL that changes with every request (a freshly presigned
+one) is so fetched every time: give the sha256 too.
+
+A hit bumps the entry's mtime: that is the LRU clock (atime is unreliable, network volumes
+included). After each download the least recently used entries are evicted until the cache is
+within `max_cache_bytes`; the entry being returned is never evicted, so one file larger than the
 cap is still served (and is then the only one kept).
 
-Concurrent `fetch` calls for the same new LoRA download it once: a per-slug thread lock within
-the process, then a `filelock.FileLock` in ``.locks/`` across processes sharing the directory
-(RunPod workers on one network volume), and the cache is checked again once both are held.
-Different LoRAs download in parallel.
+Concurrent `fetch` calls for the same id download it once: a per-id thread lock within the
+process, then a file lock in ``.locks/`` across processes sharing the directory (RunPod workers on
+one network volume), and the cache is checked again once both are held. Different ids download
+in parallel (two ids of the same content too; the second rename finds the first's entry).
+
+The cache directory and its folders are re-created when they disappear while the store serves (a
+network volume remounted, an operator's ``rm``): before every download, and a fetch whose files
+vanished under it runs once more. What the pipeline holds resident does not depend on the disk.
 """
 
 from __future__ import annotations
@@ -40,7 +54,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import urlsplit
@@ -49,6 +63,7 @@ from inference.bundles import LORA_FILE as LORA_FILE_IN_BUNDLE
 from inference.bundles import BundleTokens, extract_bundle, looks_like_tar, read_bundle_tokens
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client, read_local
+from inference.file_lock import RemovableFileLock
 
 if TYPE_CHECKING:
     from inference.settings import Settings
@@ -57,12 +72,15 @@ log = logging.getLogger(__name__)
 
 SUFFIX = ".safetensors"
 BUNDLE_SUFFIX = ".bundle"
+RECORD_SUFFIX = ".json"
 CHECKSUMS_FILE = "checksums.json"  # in a bundle's directory: each extracted file's sha256
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 ID_HASH_HEX = 24  # 96 bits of sha256(raw id) in every slug
 LOCK_WAIT_MARGIN_S = 60.0
-_FILE_RE = re.compile(r"(?P<slug>[A-Za-z0-9._]+\.[0-9a-f]{%d})-(?P<sha>[0-9a-f]{64})(?P<kind>\.safetensors|\.bundle)"
-                      % ID_HASH_HEX)
+_ENTRY_RE = re.compile(r"(?P<sha>[0-9a-f]{64})(?P<kind>\.safetensors|\.bundle)")
+# Entries of the layout before content addressing ({slug}-{sha256}...), taken over at start.
+_OLD_ENTRY_RE = re.compile(r"[A-Za-z0-9._]+\.[0-9a-f]{%d}-(?P<sha>[0-9a-f]{64})(?P<kind>\.safetensors|\.bundle)"
+                           % ID_HASH_HEX)
 _SHA_RE = re.compile(r"[0-9a-f]{64}")
 REMOTE_SCHEMES = ("https", "http", "s3")
 
@@ -89,11 +107,37 @@ class LoraFile:
         return self.checksums.get(Path(path).name, "")
 
 
+@dataclass(frozen=True)
+class IdRecord:
+    """What the cache remembers of a LoRA id: the content it was fetched as, and from where."""
+
+    id: str
+    sha256: str
+    url_sha256: str  # compared: a changed URL means the id is fetched again
+    url: str  # without query string or fragment: for people reading the cache
+
+    @classmethod
+    def of(cls, lora_id: str, url: str, sha256: str) -> IdRecord:
+        return cls(lora_id, sha256, _url_key(url), _redact(url))
+
+    @classmethod
+    def read(cls, path: Path) -> IdRecord | None:
+        """The record in `path`; None when there is none, or it is unreadable (then it is swept)."""
+        try:
+            record = cls(**json.loads(path.read_text(encoding="utf-8", errors="surrogatepass")))
+        except (OSError, ValueError, TypeError):
+            return None
+        return record if _SHA_RE.fullmatch(str(record.sha256)) else None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=True)
+
+
 def id_slug(lora_id: str) -> str:
     """A filesystem-safe, collision-free name for a LoRA id: a readable part plus a hash of the raw id.
 
-    The readable part holds only ``[A-Za-z0-9._]`` (never ``-``, which separates slug and sha256
-    in file names), so a slug never prefixes another id's file name.
+    The readable part holds only ``[A-Za-z0-9._]`` (never ``-``, which ends the slug in temp file
+    names), so a slug never prefixes another id's temp files.
     """
     readable = re.sub(r"[^A-Za-z0-9._]+", "_", lora_id).strip("._")[:48] or "lora"
     digest = hashlib.sha256(lora_id.encode("utf-8", "surrogatepass")).hexdigest()[:ID_HASH_HEX]
@@ -109,6 +153,19 @@ def normalize_sha256(sha256: str | None) -> str | None:
     if not _SHA_RE.fullmatch(value):
         raise ServiceError(ErrorCode.INVALID_REQUEST, "sha256 must be 64 hexadecimal characters")
     return value
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """One fetch's question: this id, from this URL, with this content if `expected` is set."""
+
+    lora_id: str
+    url: str
+    expected: str | None
+
+    @property
+    def slug(self) -> str:
+        return id_slug(self.lora_id)
 
 
 class LoraStore:
@@ -134,13 +191,15 @@ class LoraStore:
         self._tmp_dir = self.cache_dir / ".tmp"
         self._locks_dir = self.cache_dir / ".locks"
         self._ids_dir = self.cache_dir / ".ids"
-        for d in (self.cache_dir, self._tmp_dir, self._locks_dir, self._ids_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self._make_dirs()
+        for d in self._dirs():
             tempfile.TemporaryFile(dir=d).close()  # writable? (PermissionError now, not at the first download)
         self._guard = threading.Lock()
-        self._slug_locks: dict[str, list] = {}  # slug -> [lock, number of threads using it]
+        self._id_locks: dict[str, list] = {}  # slug -> [lock, number of threads using it]
         self._s3 = None
-        self._sweep_partials()
+        self._take_over_old_layout()
+        self._sweep_leftovers()
+        self._forget_ids_of_missing_entries()
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> LoraStore:
@@ -161,90 +220,155 @@ class LoraStore:
         when it is not a readable safetensors file or its sha256 differs from `sha256`, and
         ``invalid_request`` for a malformed `sha256`.
         """
-        expected = normalize_sha256(sha256)
+        wanted = _Wanted(lora_id, url, normalize_sha256(sha256))
         self._check_source(url)  # the same answer whether or not the id happens to be cached
-        slug = id_slug(lora_id)
-        hit = self._lookup(lora_id, slug, expected)
+        hit = self._lookup(wanted)
         if hit:
             return hit
-        with self._slug_lock(slug), self._file_lock(slug):
-            hit = self._lookup(lora_id, slug, expected)  # another thread or process may have fetched it meanwhile
-            if hit:
-                return hit
-            lora = self._download(lora_id, slug, url, expected)
+        try:
+            lora = self._fetch_once(wanted)
+        except FileNotFoundError:
+            log.warning("files of the LoRA cache %s vanished while %r was fetched; fetching it once more",
+                        str(self.cache_dir), lora_id)
+            lora = self._fetch_once(wanted)
         self._evict(keep=lora.entry)
         return lora
 
     def entries(self) -> list[LoraFile]:
-        """The files in the cache now, most recently used first (source ``"disk"``)."""
+        """What the cache holds, most recently used first (source ``"disk"``): one item per id and
+        entry, and one with id ``""`` for an entry no id names any more."""
+        ids: dict[str, list[str]] = {}
+        for record in self._records():
+            ids.setdefault(record.sha256, []).append(record.id)
         found = []
-        for path in self._cache_files():
+        for path in self._entry_paths():
+            sha = _ENTRY_RE.fullmatch(path.name)["sha"]
             try:
-                lora = self._load_entry(path, self._raw_id(_FILE_RE.fullmatch(path.name)["slug"]))
-                found.append((path.stat().st_mtime_ns, path.name, lora))
+                used = path.stat().st_mtime_ns
+                found += [(used, path.name, lora_id, self._load_entry(path, lora_id))
+                          for lora_id in sorted(ids.get(sha, [""]))]
             except (FileNotFoundError, ServiceError):  # evicted meanwhile
                 continue
-        found.sort(key=lambda item: (item[0], item[1]), reverse=True)
-        return [lora for _, _, lora in found]
+        found.sort(key=lambda item: (-item[0], item[1], item[2]))
+        return [lora for *_, lora in found]
 
-    # -- cache ---------------------------------------------------------------------------------
+    def discard(self, lora: LoraFile) -> None:
+        """Remove `lora`'s entry, and the ids naming it, from the cache: it was refused by the
+        pipeline, or its content is not what its name says. A later fetch downloads it again."""
+        self._remove_entry(lora.entry)
+        self._forget_ids_of_missing_entries()
+        log.info("removed %s from the LoRA disk cache", lora.entry.name)
 
-    def _cache_files(self) -> Iterator[Path]:
-        for path in self.cache_dir.iterdir():
-            if _FILE_RE.fullmatch(path.name):
+    def partials(self) -> tuple[int, int]:
+        """(count, bytes) of partial downloads and unpackings now in the temp folder: they count
+        against `max_cache_bytes` while they exist."""
+        sizes = [_entry_size(path) for path in _listing(self._tmp_dir)]
+        return len(sizes), sum(sizes)
+
+    # -- lookup --------------------------------------------------------------------------------
+
+    def _lookup(self, wanted: _Wanted) -> LoraFile | None:
+        """The cached entry `wanted` names: the expected content, else the id's record's content
+        when the record names the same URL. Brings the id's record up to date on a hit."""
+        record = IdRecord.read(self._record_path(wanted.slug))
+        if wanted.expected:
+            sha = wanted.expected
+        elif record is not None and record.id == wanted.lora_id and record.url_sha256 == _url_key(wanted.url):
+            sha = record.sha256
+        else:
+            return None
+        path = self._entry_path(sha)
+        try:
+            os.utime(path)  # the LRU clock
+            lora = self._load_entry(path, wanted.lora_id)
+        except FileNotFoundError:  # never there, or evicted a moment ago
+            return None
+        current = IdRecord.of(wanted.lora_id, wanted.url, sha)
+        if record != current:
+            try:
+                self._write_record(current)
+            except OSError:  # the record only saves a later download: never fail a hit for it
+                log.debug("could not update the record of %r", wanted.lora_id, exc_info=True)
+        return lora
+
+    def _entry_path(self, sha: str) -> Path:
+        """The entry of content `sha`: its file, else its bundle directory (which may not exist either)."""
+        file = self.cache_dir / f"{sha}{SUFFIX}"
+        return file if file.exists() else self.cache_dir / f"{sha}{BUNDLE_SUFFIX}"
+
+    def _entry_paths(self) -> Iterator[Path]:
+        for path in _listing(self.cache_dir):
+            if _ENTRY_RE.fullmatch(path.name):
                 yield path
 
-    def _lookup(self, lora_id: str, slug: str, expected: str | None) -> LoraFile | None:
-        if expected:
-            candidates = [self.cache_dir / f"{slug}-{expected}{suffix}" for suffix in (SUFFIX, BUNDLE_SUFFIX)]
-        else:
-            candidates = [p for p in self._cache_files() if _FILE_RE.fullmatch(p.name)["slug"] == slug]
-            candidates.sort(key=_mtime_ns, reverse=True)
-        for path in candidates:
-            try:
-                os.utime(path)  # the LRU clock
-                return self._load_entry(path, lora_id)
-            except FileNotFoundError:  # never there, or evicted a moment ago
-                continue
-        return None
-
     def _load_entry(self, path: Path, lora_id: str, source: str = "disk") -> LoraFile:
-        sha = _FILE_RE.fullmatch(path.name)["sha"]
+        sha = _ENTRY_RE.fullmatch(path.name)["sha"]
         if path.name.endswith(BUNDLE_SUFFIX):
             size = sum(p.stat().st_size for p in path.iterdir() if p.name != CHECKSUMS_FILE)
             return LoraFile(lora_id, sha, path / LORA_FILE_IN_BUNDLE, size, source, read_bundle_tokens(path),
                             _read_checksums(path))
         return LoraFile(lora_id, sha, path, path.stat().st_size, source, checksums={path.name: sha})
 
+    # -- id records ----------------------------------------------------------------------------
+
+    def _record_path(self, slug: str) -> Path:
+        return self._ids_dir / f"{slug}{RECORD_SUFFIX}"
+
+    def _records(self) -> Iterator[IdRecord]:
+        for path in _listing(self._ids_dir):
+            record = IdRecord.read(path)
+            if record is not None:
+                yield record
+
+    def _write_record(self, record: IdRecord) -> None:
+        slug = id_slug(record.id)
+        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=RECORD_SUFFIX)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(record.to_json())
+            os.replace(name, self._record_path(slug))
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
+
+    def _forget_ids_of_missing_entries(self) -> None:
+        """Remove the records whose entry is gone (evicted, discarded), and unreadable ones. A record
+        being rewritten meanwhile may go too: that id is then fetched again once, nothing worse."""
+        for path in _listing(self._ids_dir):
+            record = IdRecord.read(path)
+            if record is None or not self._entry_path(record.sha256).exists():
+                path.unlink(missing_ok=True)
+
+    # -- eviction and leftovers ----------------------------------------------------------------
+
     def _evict(self, keep: Path) -> None:
-        """Remove least recently used files until the cache fits `max_cache_bytes`; never `keep`."""
-        files = []
-        for path in self._cache_files():
+        """Remove least recently used entries until the cache fits `max_cache_bytes`; never `keep`."""
+        entries = []
+        for path in self._entry_paths():
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            files.append((stat.st_mtime_ns, path.name, _entry_size(path), path))
-        total = sum(size for _, _, size, _ in files) + self.partials()[1]  # downloads under way take room too
-        for _, _, size, path in sorted(files):
+            entries.append((stat.st_mtime_ns, path.name, _entry_size(path), path))
+        total = sum(size for _, _, size, _ in entries) + self.partials()[1]  # downloads under way take room too
+        evicted = False
+        for _, _, size, path in sorted(entries):
             if total <= self.max_cache_bytes:
                 break
             if path == keep:
                 continue
             self._remove_entry(path)
             total -= size
+            evicted = True
             log.info("evicted %s (%d bytes) from the LoRA disk cache", path.name, size)
-
-    def discard(self, lora: LoraFile) -> None:
-        """Remove `lora`'s entry from the cache: it was refused by the pipeline, or its content is not
-        what its name says. A later fetch downloads it again."""
-        self._remove_entry(lora.entry)
-        log.info("removed %s from the LoRA disk cache", lora.entry.name)
+        if evicted:
+            self._forget_ids_of_missing_entries()
 
     def _remove_entry(self, path: Path) -> None:
         """Unlink a file; a bundle directory is first renamed away, so it vanishes in one step."""
         try:
             if path.is_dir():
+                self._make_dirs()
                 trash = Path(tempfile.mkdtemp(dir=self._tmp_dir, suffix=".trash"))
                 os.replace(path, trash / path.name)
                 shutil.rmtree(trash, ignore_errors=True)
@@ -253,39 +377,26 @@ class LoraStore:
         except FileNotFoundError:  # another process evicted it first
             pass
 
-    def _raw_id(self, slug: str) -> str:
-        try:
-            return (self._ids_dir / slug).read_text(encoding="utf-8", errors="surrogatepass")
-        except OSError:
-            return slug
+    def _take_over_old_layout(self) -> None:
+        """Rename entries of the earlier ``{slug}-{sha256}`` layout to their content's name (their
+        ids' records are gone: an id without sha256 is fetched once more)."""
+        for path in _listing(self.cache_dir):
+            old = _OLD_ENTRY_RE.fullmatch(path.name)
+            if old:
+                try:
+                    os.replace(path, self.cache_dir / f"{old['sha']}{old['kind']}")
+                except OSError:  # that content is there already (a bundle directory)
+                    self._remove_entry(path)
 
-    def _remember_id(self, slug: str, lora_id: str) -> None:
-        target = self._ids_dir / slug
-        if self._raw_id(slug) == lora_id:
-            return
-        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=".id")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogatepass") as f:
-                f.write(lora_id)
-            os.replace(name, target)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-
-    def _sweep_partials(self) -> None:
-        """Remove what a killed process left in the temp folder: a partial download, a half-unpacked
-        bundle, a half-deleted one. Each of ours is named after its LoRA's slug and written under
-        that slug's file lock, so an entry whose lock another process holds (a live download on a
-        shared volume) is left alone."""
-        from filelock import FileLock, Timeout
-
-        for path in self._tmp_dir.iterdir():
+    def _sweep_leftovers(self) -> None:
+        """Remove what a killed process left: a partial download, a half-unpacked bundle, a
+        half-deleted one, its free lock files. Each temp file of ours is named after its id's slug
+        and written under that id's file lock, so one whose lock another process holds (a live
+        download on a shared volume) is left alone."""
+        for path in _listing(self._tmp_dir):
             slug = path.name.split("-", 1)[0] if "-" in path.name else None
-            lock = FileLock(str(self._locks_dir / f"{slug}.lock"), timeout=0) if slug else None
-            try:
-                if lock is not None:
-                    lock.acquire()
-            except Timeout:
+            lock = RemovableFileLock(self._locks_dir / f"{slug}.lock") if slug else None
+            if lock is not None and not lock.acquire(timeout=0):
                 continue  # being written right now
             try:
                 _remove_path(path)
@@ -293,14 +404,20 @@ class LoraStore:
             finally:
                 if lock is not None:
                     lock.release()
+        for path in _listing(self._locks_dir):
+            lock = RemovableFileLock(path)
+            if lock.acquire(timeout=0):
+                lock.release()
 
-    def partials(self) -> tuple[int, int]:
-        """(count, bytes) of partial downloads and unpackings now in the temp folder: they count
-        against `max_cache_bytes` while they exist."""
-        sizes = [_entry_size(path) for path in self._tmp_dir.iterdir()]
-        return len(sizes), sum(sizes)
+    # -- folders and locks ---------------------------------------------------------------------
 
-    # -- locks ---------------------------------------------------------------------------------
+    def _dirs(self) -> tuple[Path, ...]:
+        return self.cache_dir, self._tmp_dir, self._locks_dir, self._ids_dir
+
+    def _make_dirs(self) -> None:
+        """(Re-)create the cache directory and its folders: an emptied or remounted volume heals here."""
+        for d in self._dirs():
+            d.mkdir(parents=True, exist_ok=True)
 
     def _lock_wait_s(self) -> float:
         if self.deadline_s is not None:
@@ -312,9 +429,9 @@ class LoraStore:
         return download + LOCK_WAIT_MARGIN_S
 
     @contextmanager
-    def _slug_lock(self, slug: str):
+    def _id_lock(self, slug: str):
         with self._guard:
-            entry = self._slug_locks.setdefault(slug, [threading.Lock(), 0])
+            entry = self._id_locks.setdefault(slug, [threading.Lock(), 0])
             entry[1] += 1
         try:
             if not entry[0].acquire(timeout=self._lock_wait_s()):
@@ -328,18 +445,14 @@ class LoraStore:
             with self._guard:
                 entry[1] -= 1
                 if entry[1] == 0:
-                    del self._slug_locks[slug]
+                    del self._id_locks[slug]
 
     @contextmanager
     def _file_lock(self, slug: str):
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(self._locks_dir / f"{slug}.lock"), timeout=self._lock_wait_s())
-        try:
-            lock.acquire()
-        except Timeout as exc:
+        lock = RemovableFileLock(self._locks_dir / f"{slug}.lock")
+        if not lock.acquire(timeout=self._lock_wait_s()):
             raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED,
-                               "timed out waiting for another worker that is downloading this LoRA") from exc
+                               "timed out waiting for another worker that is downloading this LoRA")
         try:
             yield
         finally:
@@ -347,50 +460,62 @@ class LoraStore:
 
     # -- download ------------------------------------------------------------------------------
 
-    def _download(self, lora_id: str, slug: str, url: str, expected: str | None) -> LoraFile:
+    def _fetch_once(self, wanted: _Wanted) -> LoraFile:
+        """Under the id's locks: the cache again (another thread or process may have fetched it
+        meanwhile), else a download."""
+        self._make_dirs()
+        with self._id_lock(wanted.slug), self._file_lock(wanted.slug):
+            return self._lookup(wanted) or self._download(wanted)
+
+    def _download(self, wanted: _Wanted) -> LoraFile:
         started = time.perf_counter()
-        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=".part")
+        fd, name = tempfile.mkstemp(dir=self._tmp_dir, prefix=f"{wanted.slug}-", suffix=".part")
         tmp = Path(name)
         try:
             with os.fdopen(fd, "wb") as out:
                 sink = _HashingWriter(out)
-                self._read_source(url, sink)
+                self._read_source(wanted.url, sink)
                 out.flush()
                 os.fsync(out.fileno())
             digest = sink.hexdigest()
-            if expected and digest != expected:
-                raise ServiceError(ErrorCode.LORA_INVALID, f"sha256 mismatch: expected {expected}, got {digest}")
+            if wanted.expected and digest != wanted.expected:
+                raise ServiceError(ErrorCode.LORA_INVALID,
+                                   f"sha256 mismatch: expected {wanted.expected}, got {digest}")
             if looks_like_tar(tmp):
-                final = self.cache_dir / f"{slug}-{digest}{BUNDLE_SUFFIX}"
-                self._install_bundle(tmp, final, slug, lora_id)
+                final = self.cache_dir / f"{digest}{BUNDLE_SUFFIX}"
+                self._install_bundle(tmp, final, wanted.slug)
             else:
                 validate_safetensors(tmp)
-                final = self.cache_dir / f"{slug}-{digest}{SUFFIX}"
-                self._remember_id(slug, lora_id)
-                os.replace(tmp, final)
+                final = self.cache_dir / f"{digest}{SUFFIX}"
+                os.replace(tmp, final)  # the same content under another id: the same name, atomically
+            self._write_record(IdRecord.of(wanted.lora_id, wanted.url, digest))
             _fsync_dir(self.cache_dir)
         except OSError as exc:
             if exc.errno not in DISK_FULL_ERRNOS:
                 raise
             log.error("the LoRA cache volume %s is full while fetching %r: lower SDXL_LORA_LORA_CACHE_MAX_BYTES "
-                      "below the volume's size, or grow the volume", self.cache_dir, lora_id)
+                      "below the volume's size, or grow the volume", str(self.cache_dir), wanted.lora_id)
             raise ServiceError(ErrorCode.INTERNAL, "the LoRA cache volume is full (no space left on device)") from exc
         finally:
             tmp.unlink(missing_ok=True)  # gone already unless it failed, or was a bundle's tar
-        log.info("fetched LoRA %r from %s: %d bytes in %.0f ms", lora_id, _redact(url), sink.size,
+        log.info("fetched LoRA %r from %r: %d bytes in %.0f ms", wanted.lora_id, _redact(wanted.url), sink.size,
                  (time.perf_counter() - started) * 1e3)
-        return self._load_entry(final, lora_id, "download")
+        return self._load_entry(final, wanted.lora_id, "download")
 
-    def _install_bundle(self, archive: Path, final: Path, slug: str, lora_id: str) -> None:
-        """Unpack and check a bundle in a temp directory, then rename the directory into place."""
+    def _install_bundle(self, archive: Path, final: Path, slug: str) -> None:
+        """Unpack and check a bundle in a temp directory, then rename the directory into place
+        (unless the same content is there already: that one stays)."""
         staging = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix=f"{slug}-", suffix=".unpack"))
         try:
             checksums = extract_bundle(archive, staging / final.name, max_bytes=self.max_lora_bytes)
             validate_safetensors(staging / final.name / LORA_FILE_IN_BUNDLE)
             read_bundle_tokens(staging / final.name)
             (staging / final.name / CHECKSUMS_FILE).write_text(json.dumps(checksums, sort_keys=True))
-            self._remember_id(slug, lora_id)
-            os.replace(staging / final.name, final)
+            try:
+                os.replace(staging / final.name, final)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
@@ -519,11 +644,16 @@ def _read_checksums(bundle: Path) -> dict[str, str]:
     return checksums if isinstance(checksums, dict) else {}
 
 
-def _mtime_ns(path: Path) -> int:
+def _url_key(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _listing(directory: Path) -> list[Path]:
+    """What `directory` holds; nothing when it is gone (it is re-created before the next download)."""
     try:
-        return path.stat().st_mtime_ns
+        return list(directory.iterdir())
     except FileNotFoundError:
-        return 0
+        return []
 
 
 def _fsync_dir(directory: Path) -> None:

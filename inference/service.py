@@ -225,7 +225,7 @@ class InferenceService:
         try:
             return self._generate_dropping_refused(engine, job, deadline, cancel), [lora for lora, _ in job.loras]
         except CorruptEntry as exc:
-            log.warning("%s; evicting it and fetching %s again", exc, exc.lora.lora_id)
+            log.warning("%s; evicting it and fetching %r again", exc, exc.lora.lora_id)
             self.store.discard(exc.lora)
         except FileNotFoundError:
             log.info("a LoRA file left the shared cache before it was loaded; fetching it again")

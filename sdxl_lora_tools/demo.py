@@ -73,8 +73,8 @@ def _run_job(base: str, api_key: str, files: Path, files_url: str, out_dir: Path
     db = out_dir / "video.db"
     db.unlink(missing_ok=True)
     store = SqlStore(f"sqlite:///{db}")
-    # The sha256 pins the bytes: a LoRA id is cached as immutable, so a rebuilt bundle under the same
-    # id would otherwise be served from out/demo/lora-cache as it was first downloaded.
+    # The sha256 pins the bytes: without it, a bundle rebuilt at the same URL under the same id would
+    # be served from out/demo/lora-cache as first downloaded (the cache compares URLs, not what they serve).
     bundle_sha256 = hashlib.sha256((files / "trained_model.tar").read_bytes()).hexdigest()
     store.put_lora("demo-character", status="completed", url=f"{files_url}/trained_model.tar", trigger="TOK",
                    sha256=bundle_sha256)

@@ -107,3 +107,37 @@ def test_the_json_schema_carries_every_integer_bound():
     assert (props["num_inference_steps"]["minimum"], props["num_inference_steps"]["maximum"]) == (1, 100)
     assert (props["num_images"]["minimum"], props["num_images"]["maximum"]) == (1, 8)
     assert not any(key in json.dumps(props) for key in ('"ge"', '"le"', '"multiple_of"'))
+
+
+NOT_URLS = ["ก ำกำ", "/etc/passwd", "file:///etc/passwd", "ftp://host/a.safetensors", "https://", "s3:/bucket/key",
+            "https://host/a b.safetensors", "https://host/a\n.safetensors", "hf://org/repo/a.safetensors"]
+
+
+@pytest.mark.parametrize("url", NOT_URLS)
+def test_a_lora_url_that_is_not_an_http_or_s3_url_is_invalid_request(url):
+    """Refused at validation (422 invalid_request, over HTTP and RunPod alike), never a failed download."""
+    from handler.worker import make_handler
+
+    body = valid(width=64, height=64, loras=[{"id": "a", "url": url}])
+    with client(None) as http:
+        response = http.post("/v1/generate", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_request" and "loras.0.url" in response.json()["error"]["message"]
+    error = json.loads(make_handler(_Unloaded())({"id": "job", "input": body})["error"])
+    assert error["code"] == "invalid_request" and "loras.0.url" in error["message"]
+
+
+@pytest.mark.parametrize("url", ["https://host/a.safetensors", "http://10.0.0.1:8080/x?sig=a%20b", "s3://bucket/chars/a.safetensors"])
+def test_http_https_and_s3_urls_are_lora_urls(url):
+    assert GenerateRequest.model_validate(valid(loras=[{"id": "a", "url": url}])).loras[0].url == url
+
+
+def test_the_json_schema_says_what_a_lora_url_is():
+    from sdxl_lora_client.contract import PrefetchRequest
+
+    with client(None) as http:
+        openapi = http.get("/openapi.json").json()
+    urls = [openapi["components"]["schemas"]["LoraSpec"]["properties"]["url"],
+            GenerateRequest.model_json_schema()["$defs"]["LoraSpec"]["properties"]["url"],
+            PrefetchRequest.model_json_schema()["$defs"]["PrefetchLora"]["properties"]["url"]]
+    assert [url["pattern"] for url in urls] == [r"^(https?|s3)://[^\s]+$"] * 3

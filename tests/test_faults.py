@@ -76,14 +76,14 @@ class Service:
         return base64.b64decode(response.json()["images"][0]["base64"])
 
     def cache_files(self) -> set[str]:
-        """Every file under the cache dir except the (empty, by design) lock files."""
+        """Every file under the cache dir: entries, id records, lock files (which leave with their fetch)."""
         root = self.service.store.cache_dir
-        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.parent.name != ".locks"}
+        return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
 
     def assert_cache_verified(self) -> None:
         """Every LoRA file in the cache holds exactly the bytes its name's sha256 says."""
         for path in self.service.store.cache_dir.glob("*.safetensors"):
-            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.stem.rsplit("-", 1)[1], path.name
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == path.stem, path.name
 
     def assert_adapters_consistent(self) -> None:
         """Every adapter present in any LoRA layer is one the cache tracks as resident: nothing half-loaded."""
@@ -205,7 +205,8 @@ def test_s3_refuses_then_times_out_then_recovers(engine, lora_server, tmp_path, 
             gate.set_mode("forward")
             response = svc.post(body)
             assert response.status_code == 200, response.text[:500]
-            assert [f for f in svc.cache_files() if f.startswith("s3_b.")], "fetched from S3 this time"
+            sha = hashlib.sha256((lora_server.root / "b.safetensors").read_bytes()).hexdigest()
+            assert f"{sha}.safetensors" in svc.cache_files(), "fetched from S3 this time"
             svc.assert_adapters_consistent()
 
 
@@ -266,6 +267,39 @@ def test_disk_full_while_writing(svc, where):
             yield
 
     svc.fault(svc.body(svc.lora("b")), 500, "internal", "space", during=disk_full, may_evict=True)
+
+
+# -- the cache directory disappears ----------------------------------------------------------------
+
+
+def test_the_cache_directory_removed_under_a_running_service(engine, lora_server, tmp_path):
+    """Issue 22 item 1 (a network volume remounted, an operator's rm -rf while the service runs):
+    every LoRA request answered 500 until a restart, resident ones too, while /readyz said ready.
+    Now the directory comes back: a resident LoRA is still served (the same image), one that was only
+    on disk is fetched again, no 500, and /readyz is ready because the service really is."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    with running(engine, lora_server, cache) as svc:
+        engine.adapters.clear()
+        first = {name: svc.post(svc.body(svc.lora(name))) for name in ("a", "b")}
+        assert [r.status_code for r in first.values()] == [200, 200]
+        engine.adapters.clear()
+        assert svc.post(svc.body(svc.lora("b"))).json()["loras"][0]["source"] == "disk"  # b resident, a on disk only
+        hits = dict(lora_server.hits)
+
+        shutil.rmtree(cache)
+        resident, disk_only = svc.post(svc.body(svc.lora("b"))), svc.post(svc.body(svc.lora("a")))
+        assert (resident.status_code, disk_only.status_code) == (200, 200), (resident.text[:300], disk_only.text[:300])
+        assert resident.json()["loras"][0]["source"] == "resident"
+        assert disk_only.json()["loras"][0]["source"] == "download"
+        for name, response in (("b", resident), ("a", disk_only)):
+            assert response.json()["images"][0]["sha256"] == first[name].json()["images"][0]["sha256"], name
+            assert lora_server.hits[f"/{name}.safetensors"] == hits[f"/{name}.safetensors"] + 1, name
+        assert httpx.get(f"{svc.base}/readyz").status_code == 200
+        assert {p.name for p in cache.iterdir() if p.is_dir()} == {".tmp", ".locks", ".ids"}
+        svc.assert_cache_verified()
+        svc.assert_adapters_consistent()
 
 
 # -- out of memory ---------------------------------------------------------------------------------

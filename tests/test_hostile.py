@@ -186,7 +186,8 @@ def raw_post(base: str, head: bytes, chunks=()) -> bytes:
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_a_huge_body_is_refused_not_read_into_memory(api_base, framing):
-    """10 GB declared (answered before any body is read), or 66 MiB chunked with no length (cut off)."""
+    """10 GB declared (answered before any body is read), or 66 MiB chunked with no length (cut off):
+    the same answer either way (a chunked one said "There was an error parsing the body")."""
     from api.app import MAX_BODY_BYTES
 
     head = (b"POST /v1/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -199,7 +200,19 @@ def test_a_huge_body_is_refused_not_read_into_memory(api_base, framing):
         answer = raw_post(api_base, head + b"Transfer-Encoding: chunked\r\n\r\n", chunks)
     assert answer.startswith(b"HTTP/1.1 422"), answer[:300]
     assert b'"code":"invalid_request"' in answer
+    assert b"the request body is larger than the %d bytes allowed" % MAX_BODY_BYTES in answer, answer[-300:]
     assert httpx.get(f"{api_base}/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("image", ["data:image/png;base64,AAAA", "data:image/jpeg;base64,/9j/4AAQ",
+                                   "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAAB"])
+def test_an_undecodable_image_is_image_invalid_without_object_reprs(api_base, image):
+    """Issue 22 item 4: PIL's message named the buffer (`<_io.BytesIO object at 0x7fe2…>`)."""
+    response = httpx.post(f"{api_base}/v1/generate", json={"prompt": "p", "image": image},
+                          headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "image_invalid", response.text
+    message = response.json()["error"]["message"]
+    assert "object at 0x" not in message and "<" not in message and message.startswith("cannot decode the image")
 
 
 def test_schemathesis_figures(api_base):

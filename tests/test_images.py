@@ -56,3 +56,12 @@ def test_refused_images_are_image_invalid(data, needle):
 @pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG"), ("jpeg", b"\xff\xd8"), ("webp", b"RIFF")])
 def test_encode_formats(fmt, magic):
     assert encode_image(Image.new("RGB", (16, 16)), fmt).startswith(magic)
+
+
+@pytest.mark.parametrize("data", [b"\0\0\0", b"GIF89a", b"RIFF", b"\xff\xd8\xff\xe0\0\x10", b"<svg/>"])
+def test_messages_never_show_object_reprs(data):
+    """PIL says "cannot identify image file <_io.BytesIO object at 0x7fe2…>": an address in an answer."""
+    with pytest.raises(ServiceError) as err:
+        decode_image(data)
+    assert err.value.code == ErrorCode.IMAGE_INVALID and "object at 0x" not in err.value.message
+    assert err.value.message.startswith("cannot decode the image")

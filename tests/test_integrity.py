@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -43,6 +44,7 @@ def engine(tiny_model):
 def files(tmp_path_factory, make_lora):
     root = tmp_path_factory.mktemp("served")
     (root / "a.safetensors").write_bytes(make_lora(seed=1, text_encoders=True).read_bytes())
+    (root / "b.safetensors").write_bytes(make_lora(seed=2).read_bytes())
     (root / "bundle.tar").write_bytes(make_lora(seed=3, fmt="replicate").read_bytes())
     sd15_shaped_lora(root / "sd15.safetensors")
     with FileServer(root) as server:
@@ -98,7 +100,7 @@ def test_a_damaged_cache_entry_is_fetched_again_and_never_served(engine, files, 
         first = post(base, lora)
         expected = image(first)
         engine.adapters.clear()  # the next request reads the file from disk again
-        [cached] = (tmp_path / "cache").glob("a_*.safetensors")
+        cached = tmp_path / "cache" / f"{sha}.safetensors"
         DAMAGE[damage](cached)
         hits = files.hits["/a.safetensors"]
 
@@ -117,7 +119,7 @@ def test_a_bundle_whose_files_changed_is_fetched_again(engine, files, tmp_path):
         expected = image(post(base, lora))
         for name in ("lora.safetensors", "embeddings.pti"):
             engine.adapters.clear()
-            [entry] = (tmp_path / "cache").glob("bundle.*.bundle")
+            [entry] = (tmp_path / "cache").glob("*.bundle")
             flip_a_byte(entry / name)
             again = post(base, lora)
             assert image(again) == expected and again.json()["loras"][0]["source"] == "download", name
@@ -138,12 +140,43 @@ def test_a_refused_lora_does_not_stay_in_the_cache(engine, files, tmp_path):
     with service(engine, tmp_path / "cache") as (base, svc):
         response = post(base, {"id": "sd15", "url": files.url("sd15.safetensors")})
         assert response.json()["error"]["code"] == "lora_incompatible"
-        assert list((tmp_path / "cache").glob("sd15*")) == []
+        assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == [], "no entry, id record or lock"
         listed = httpx.get(f"{base}/v1/adapters").json()
         assert [entry["id"] for entry in listed["disk"]] == []
         hits = files.hits["/sd15.safetensors"]
         assert post(base, {"id": "sd15", "url": files.url("sd15.safetensors")}).status_code == 422
         assert files.hits["/sd15.safetensors"] == hits + 1, "refused again from a fresh download, not from disk"
+
+
+# -- logs --------------------------------------------------------------------------------------------
+
+FORGED = "\n2026-01-01 INFO inference.service: forged line\r\u2028\x85"  # line breaks of every kind
+
+
+def test_user_values_cannot_start_a_log_line(engine, files, tmp_path, caplog):
+    """Issue 22 item 3: a newline in a LoRA id forged a log line (seen with the refetch warning). The
+    paths that log a user's value run here, with line breaks in the id, the prompt and a RunPod job
+    id; every record of ours stays one line, and the values appear escaped."""
+    import logging
+
+    from handler.worker import make_handler
+
+    sha = hashlib.sha256((files.root / "a.safetensors").read_bytes()).hexdigest()
+    lora = {"id": f"char{FORGED}", "url": files.url("a.safetensors")}
+    with caplog.at_level(logging.INFO), service(engine, tmp_path / "cache") as (base, svc):
+        expected = image(post(base, lora, prompt=f"TOK{FORGED}"))  # fetched, injected
+        engine.adapters.clear()  # evicted
+        flip_a_byte(tmp_path / "cache" / f"{sha}.safetensors")
+        assert image(post(base, lora, prompt=f"TOK{FORGED}")) == expected  # damaged: evicted and fetched again
+        failed = make_handler(svc)({"id": f"job{FORGED}", "input": {"prompt": FORGED, "image": "data:image/png;base64,"
+                                                                                            "AAAA"}})
+        assert json.loads(failed["error"])["code"] == "image_invalid"
+    ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("inference", "api", "handler", "sdxl_lora")]
+    assert [m for m in ours if len(m.splitlines()) != 1] == []
+    escaped_id = repr(lora["id"])
+    for needle in ("fetched LoRA", "injected for", "evicted", "evicting it and fetching"):
+        assert any(needle in m and escaped_id in m for m in ours), (needle, ours)
+    assert any(repr(f"job{FORGED}") in m for m in ours), ours
 
 
 # -- partial downloads ------------------------------------------------------------------------------
@@ -182,13 +215,13 @@ def test_a_killed_download_leaves_a_partial_that_the_next_start_sweeps(files, tm
 
 def test_partials_count_against_the_cache_cap(files, tmp_path):
     cache = tmp_path / "cache"
-    size = (files.root / "a.safetensors").stat().st_size
+    size, other = ((files.root / name).stat().st_size for name in ("a.safetensors", "b.safetensors"))
     first = store(cache)
-    first.max_cache_bytes = 2 * size + size // 2
+    first.max_cache_bytes = size + other + size // 2
     first.fetch("one", files.url("a.safetensors"))
     (cache / ".tmp" / f"{id_slug('other')}-x.part").write_bytes(b"\0" * size)  # another process's download
     assert first.partials() == (1, size)
-    first.fetch("two", files.url("a.safetensors"))  # 2 files + the partial > the cap: "one" goes
+    first.fetch("two", files.url("b.safetensors"))  # 2 files + the partial > the cap: "one" goes
     assert [entry.lora_id for entry in first.entries()] == ["two"]
 
 

@@ -104,9 +104,8 @@ def store(make_store):
 
 
 def snapshot(store: LoraStore) -> set[str]:
-    """Every file under the cache dir except the lock files (created by design, empty)."""
-    return {str(p.relative_to(store.cache_dir)) for p in store.cache_dir.rglob("*")
-            if p.is_file() and p.parent.name != ".locks"}
+    """Every file under the cache dir: entries, id records, lock files (which leave with their fetch)."""
+    return {str(p.relative_to(store.cache_dir)) for p in store.cache_dir.rglob("*") if p.is_file()}
 
 
 def tmp_files(store: LoraStore) -> list[str]:
@@ -142,8 +141,9 @@ def test_download_then_disk_hit(store, www):
     assert (first.source, second.source) == ("download", "disk")
     assert first.path == second.path and first.path.parent == store.cache_dir
     assert first.path.read_bytes() == GOOD and first.size == len(GOOD) and first.sha256 == GOOD_SHA
-    assert first.path.name == f"{id_slug('char-1')}-{GOOD_SHA}.safetensors"
+    assert first.path.name == f"{GOOD_SHA}.safetensors", "named by its content"
     assert www.hits["/good.safetensors"] == 1
+    assert snapshot(store) == {f"{GOOD_SHA}.safetensors", f".ids/{id_slug('char-1')}.json"}, "no lock file left"
     assert [(e.lora_id, e.sha256, e.source) for e in store.entries()] == [("char-1", GOOD_SHA, "disk")]
 
 
@@ -173,15 +173,16 @@ def test_malformed_sha256_is_refused_before_any_request(store, www, bad):
 
 
 def test_ids_never_collide_on_disk(store, www):
-    ids = ["team/char", "team_char", "team:char", "../x", ""]
-    ids.append(f"{id_slug('plain')}-{GOOD_SHA}")  # an id crafted to look like another id's file name
+    ids = ["team/char", "team_char", "team:char", "../x", "", "a\nb"]
+    ids += [f"{id_slug('plain')}-{GOOD_SHA}", GOOD_SHA, f"{GOOD_SHA}.safetensors"]  # crafted like file names
     for n, lora_id in enumerate(ids):
-        www.add(f"{n}.safetensors", lora_bytes(seed=n))
+        www.add(f"{n}.safetensors", lora_bytes(seed=n + 1))
     paths = {store.fetch(lora_id, www.url(f"{n}.safetensors")).path for n, lora_id in enumerate(ids)}
     assert len(paths) == len(ids) and all(p.parent == store.cache_dir for p in paths)
-    # Each id hits its own file, and an id whose slug prefixes another id's file name has no hit.
+    # Each id hits its own file, and an id that looks like a file name names nothing but itself.
     for n, lora_id in enumerate(ids):
-        assert store.fetch(lora_id, www.url("unused")).path.read_bytes() == lora_bytes(seed=n)
+        again = store.fetch(lora_id, www.url(f"{n}.safetensors"))
+        assert again.source == "disk" and again.path.read_bytes() == lora_bytes(seed=n + 1)
     assert store.fetch("plain", www.url("good.safetensors")).source == "download"
     assert {e.lora_id for e in store.entries()} == set(ids) | {"plain"}
 
@@ -514,9 +515,7 @@ def test_a_file_larger_than_the_cache_cap_is_served_and_kept_alone(make_store, w
 def test_partials_are_swept_at_init_unless_a_live_download_holds_their_lock(tmp_path):
     """Left by a killed process: removed at the next start. Still being written (its LoRA's file lock
     held, as by a download in another worker on a shared volume): kept, whatever its age."""
-    from filelock import FileLock
-
-    from inference.lora_store import id_slug
+    from inference.file_lock import RemovableFileLock
 
     tmp_dir = tmp_path / "cache" / ".tmp"
     tmp_dir.mkdir(parents=True)
@@ -526,11 +525,143 @@ def test_partials_are_swept_at_init_unless_a_live_download_holds_their_lock(tmp_
     live.write_bytes(b"y")
     two_hours_ago = time.time() - 7200
     os.utime(live, (two_hours_ago, two_hours_ago))
-    with FileLock(str(tmp_path / "cache" / ".locks" / f"{id_slug('live')}.lock")):
-        LoraStore(tmp_path / "cache", max_cache_bytes=1 << 20, max_lora_bytes=1 << 20)
+    live_lock = RemovableFileLock(tmp_path / "cache" / ".locks" / f"{id_slug('live')}.lock")
+    assert live_lock.acquire(timeout=0)
+    LoraStore(tmp_path / "cache", max_cache_bytes=1 << 20, max_lora_bytes=1 << 20)
+    live_lock.release()
     assert not orphan.exists() and live.exists()
     LoraStore(tmp_path / "cache", max_cache_bytes=1 << 20, max_lora_bytes=1 << 20)
     assert not live.exists(), "its lock free: nobody is writing it any more"
+    assert list((tmp_path / "cache" / ".locks").iterdir()) == [], "free lock files go too"
+
+
+# -- content addressing and LoRA identity ---------------------------------------------------------
+
+
+def test_two_ids_with_the_same_bytes_share_one_file(store, www):
+    www.add("copy.safetensors", GOOD)
+    first = store.fetch("char-a", www.url("good.safetensors"))
+    second = store.fetch("char-b", www.url("copy.safetensors"))
+    assert second.source == "download" and first.path == second.path
+    assert [p.name for p in store.cache_dir.glob("*.safetensors")] == [f"{GOOD_SHA}.safetensors"]
+    assert sorted((e.lora_id, e.sha256) for e in store.entries()) == [("char-a", GOOD_SHA), ("char-b", GOOD_SHA)]
+    # With its sha256, a third id is a hit on that content without any download.
+    assert store.fetch("char-c", www.url("elsewhere.safetensors"), GOOD_SHA).source == "disk"
+    assert store.fetch("char-c", www.url("elsewhere.safetensors")).source == "disk", "its record now names it"
+    assert www.hits["/elsewhere.safetensors"] == 0
+
+
+def test_an_id_pointed_at_another_url_is_fetched_again(store, www):
+    """Without sha256 the id's record remembers its URL: another URL is contacted and its weights
+    served; the old content stays cached for whoever asks for it by sha256."""
+    new_bytes = lora_bytes(seed=7)
+    www.add("v2.safetensors", new_bytes)
+    assert store.fetch("char", www.url("good.safetensors")).path.read_bytes() == GOOD
+    moved = store.fetch("char", www.url("v2.safetensors"))
+    assert moved.source == "download" and moved.path.read_bytes() == new_bytes
+    assert www.hits["/v2.safetensors"] == 1
+    assert store.fetch("char", www.url("v2.safetensors")).source == "disk"
+    assert store.fetch("other", www.url("x"), GOOD_SHA).source == "disk", "v1 is still cached by content"
+    back = store.fetch("char", www.url("good.safetensors"))
+    assert back.source == "download" and back.path.read_bytes() == GOOD, "back to v1: asked again, not assumed"
+    assert www.hits == {"/good.safetensors": 2, "/v2.safetensors": 1}
+
+
+def test_a_refused_fetch_leaves_no_record_and_no_lock(store, www):
+    www.add("garbage.safetensors", b"\x13\x37" * 500)
+    for lora_id, url in (("bad", www.url("garbage.safetensors")), ("gone", www.url("missing.safetensors"))):
+        with pytest.raises(ServiceError):
+            store.fetch(lora_id, url)
+    assert snapshot(store) == set()
+
+
+def test_discard_and_eviction_take_the_ids_records_with_the_entry(make_store, www):
+    www.add("copy.safetensors", GOOD)
+    www.add("other.safetensors", lora_bytes(seed=3))
+    store = make_store(max_cache_bytes=len(GOOD) + 10)
+    lora = store.fetch("a", www.url("good.safetensors"))
+    store.fetch("b", www.url("copy.safetensors"))
+    store.discard(lora)
+    assert snapshot(store) == set(), "the entry and both ids naming it"
+    store.fetch("a", www.url("good.safetensors"))
+    store.fetch("c", www.url("other.safetensors"))  # over the cap: a's entry goes, and a's record with it
+    assert snapshot(store) == {f"{hashlib.sha256(lora_bytes(seed=3)).hexdigest()}.safetensors",
+                               f".ids/{id_slug('c')}.json"}
+
+
+@pytest.mark.parametrize("removed", ["cache_dir", ".tmp", ".locks", ".ids", "contents"])
+def test_a_cache_directory_that_disappears_is_created_again(store, www, removed):
+    """A network volume remounted or an operator's rm: the next fetch re-creates what it needs and
+    downloads the file again; nothing answers FileNotFoundError."""
+    import shutil
+
+    store.fetch("a", www.url("good.safetensors"))
+    if removed == "contents":
+        for path in store.cache_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    else:
+        shutil.rmtree(store.cache_dir if removed == "cache_dir" else store.cache_dir / removed)
+    assert store.partials() == (0, 0)
+    lora = store.fetch("a", www.url("good.safetensors"))
+    expected = "disk" if removed in (".tmp", ".locks") else "download"
+    assert lora.source == expected and lora.path.read_bytes() == GOOD
+    assert store.fetch("b", www.url("good.safetensors")).path == lora.path
+    assert {p.name for p in store.cache_dir.iterdir() if p.is_dir()} == {".tmp", ".locks", ".ids"}
+    assert sorted(e.lora_id for e in store.entries()) == ["a", "b"]
+
+
+def test_a_cache_emptied_during_a_download_fetches_once_more(store, www):
+    """The directory vanishes while the file is on the wire (before the rename into the cache)."""
+    import shutil
+
+    def empty_the_cache_then_answer(handler, body):
+        if www.hits["/good.safetensors"] == 1:
+            shutil.rmtree(store.cache_dir)
+        servers.send(handler, 200, body)
+
+    www.behave["/good.safetensors"] = empty_the_cache_then_answer
+    lora = store.fetch("a", www.url("good.safetensors"))
+    assert lora.path.read_bytes() == GOOD and www.hits["/good.safetensors"] == 2
+    assert store.fetch("a", www.url("good.safetensors")).source == "disk"
+
+
+def test_entries_of_the_earlier_layout_are_taken_over(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / ".ids").mkdir(parents=True)
+    (cache / f"{id_slug('old')}-{GOOD_SHA}.safetensors").write_bytes(GOOD)
+    (cache / ".ids" / id_slug("old")).write_text("old")  # the earlier record: the raw id alone
+    store = LoraStore(cache, max_cache_bytes=1 << 30, max_lora_bytes=1 << 20)
+    assert snapshot(store) == {f"{GOOD_SHA}.safetensors"}
+    assert store.fetch("old", "https://unused.invalid/x", GOOD_SHA).source == "disk"
+
+
+def test_a_lock_file_removed_under_a_waiter_is_not_held_twice(tmp_path, monkeypatch):
+    """The race a removable lock file opens, run on purpose: the waiter has opened the file when its
+    holder removes it and a newcomer locks a new one; the waiter then gets the removed file's lock,
+    and must see that it holds nothing."""
+    import fcntl
+
+    from inference.file_lock import RemovableFileLock
+
+    path = tmp_path / "x.lock"
+    newcomer = RemovableFileLock(path)
+    real_flock, swapped = fcntl.flock, []
+
+    def flock(fd, operation):
+        if not swapped:
+            swapped.append(fd)
+            path.unlink()  # the holder let go, removing the file the waiter has open
+            assert newcomer.acquire(timeout=0)  # and a newcomer created and locked a new one
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    waiter = RemovableFileLock(path)
+    assert not waiter.acquire(timeout=0.2), "two holders of one lock"
+    newcomer.release()
+    assert not path.exists(), "released: the file is gone"
+    assert waiter.acquire(timeout=0) and path.exists()
+    assert not RemovableFileLock(path).acquire(timeout=0)
+    waiter.release()
 
 
 def test_from_settings_maps_the_environment(tmp_path, monkeypatch):
@@ -555,19 +686,19 @@ def test_two_threads_fetch_a_new_lora_once(store, www, monkeypatch, file_lock):
     """Within one process the per-LoRA thread lock alone must suffice ("disabled" replaces the
     cross-process file lock by a no-op; flock would otherwise serialize the threads too)."""
     if file_lock == "disabled":
-        import filelock
+        import inference.lora_store as lora_store
 
         class NoLock:
             def __init__(self, *args, **kwargs):
                 pass
 
             def acquire(self, *args, **kwargs):
-                return self
+                return True
 
             def release(self, *args, **kwargs):
                 pass
 
-        monkeypatch.setattr(filelock, "FileLock", NoLock)
+        monkeypatch.setattr(lora_store, "RemovableFileLock", NoLock)
     www.behave["/good.safetensors"] = servers.slow_ok(0.5)
     barrier = threading.Barrier(2)
     results, errors = [], []

@@ -23,7 +23,6 @@ import httpx
 import pytest
 import torch
 
-from inference.lora_store import id_slug
 from tests import servers
 from tests.fakes import start_serve, stop
 from tests.servers import FileServer
@@ -92,7 +91,7 @@ class Watcher:
                 except FileNotFoundError:  # evicted between listing and reading: fine
                     continue
                 self.checked += 1
-                if hashlib.sha256(data).hexdigest() != path.stem.rsplit("-", 1)[1]:
+                if hashlib.sha256(data).hexdigest() != path.stem:  # a file is named by its content
                     self.bad.append(path.name)
             time.sleep(0.005)
 
@@ -116,8 +115,9 @@ def image(response: httpx.Response) -> bytes:
     return base64.b64decode(response.json()["images"][0]["base64"])
 
 
-def cached(cache_dir: Path, n: int) -> list[Path]:
-    return list(cache_dir.glob(f"{id_slug(f'shared-{n}')}-*.safetensors"))
+def cached(cache_dir: Path, lora_files: FileServer, n: int) -> bool:
+    sha = hashlib.sha256((lora_files.root / f"l{n}.safetensors").read_bytes()).hexdigest()
+    return (cache_dir / f"{sha}.safetensors").exists()
 
 
 def test_both_processes_download_each_new_lora_once(pair, lora_files, cache_dir):
@@ -143,7 +143,7 @@ def test_an_eviction_by_one_process_never_breaks_a_load_in_the_other(pair, lora_
     a, b = pair
     x, others = 3, [4, 5, 6]
     reference = image(generate(b, lora_files, x))  # X now on disk (downloaded by B); never resident in A
-    assert cached(cache_dir, x)
+    assert cached(cache_dir, lora_files, x)
     answers: dict[str, httpx.Response] = {}
     slow = threading.Thread(target=lambda: answers.update(slow=generate(a, lora_files, steps=100, size=128)))
     slow.start()
@@ -153,7 +153,7 @@ def test_an_eviction_by_one_process_never_breaks_a_load_in_the_other(pair, lora_
     time.sleep(1.0)  # A has fetched X from disk (a hit: milliseconds) and waits for its pipeline
     assert slow.is_alive(), "A's slow request ended too early to hold the race open"
     assert image(generate(b, lora_files, *others))
-    assert not cached(cache_dir, x), "B's downloads should have evicted X"
+    assert not cached(cache_dir, lora_files, x), "B's downloads should have evicted X"
     assert slow.is_alive(), "A's slow request ended before the eviction: the race was not run"
     slow.join(timeout=300)
     load.join(timeout=300)

@@ -99,12 +99,14 @@ def assert_every_request_answered(answers: dict) -> tuple[list, list]:
 def test_sigterm_finishes_the_running_request_and_answers_the_queue_busy(tiny_model, tmp_path):
     """Grace 0: the running generation completes, the queue is answered busy at once, the process
     exits as soon as the running one is done (well before the queue could have been worked off)."""
-    answers, exit_s, warm, after, _ = sigterm_with_a_queue(tiny_model, tmp_path, grace_s=0, steps=25, queued_steps=25)
+    answers, exit_s, warm, after, returncode = sigterm_with_a_queue(tiny_model, tmp_path, grace_s=0, steps=25,
+                                                                   queued_steps=25)
     done, busy = assert_every_request_answered(answers)
     assert len(done) == 1 and len(busy) == WAITING
     one_generation = warm.json()["timings_ms"]["total"] / 1e3
     assert exit_s < one_generation * 2 + 10, (exit_s, one_generation)
     assert isinstance(after, httpx.ConnectError)
+    assert returncode == -signal.SIGTERM, "uvicorn re-raises the signal it handled (exit status 143), as the README says"
 
 
 def test_sigterm_with_enough_grace_works_off_the_queue(tiny_model, tmp_path):
