@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import pickle
+import re
 import threading
 
 import httpx
@@ -168,6 +169,7 @@ def test_health_ready_metrics_adapters(service_url, lora_server):
     assert 'sdxl_lora_phase_seconds_count{phase="inference"}' in metrics
     assert "sdxl_lora_adapter_requests_total" in metrics
     assert "sdxl_lora_queue_depth" in metrics
+    assert float(re.search(r"^sdxl_lora_images_generated_total (\S+)$", metrics, re.M).group(1)) >= 1
     adapters = httpx.get(f"{service_url}/v1/adapters", headers={"authorization": f"Bearer {API_KEY}"}).json()
     assert len(adapters["resident"]) <= 2 and adapters["resident"][0]["id"] == "id-a"
     assert {entry["id"] for entry in adapters["disk"]} >= {"id-a"}
