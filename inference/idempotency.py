@@ -27,15 +27,16 @@ from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, ServiceError
 from inference.settings import Settings
 
-# 1..200 printable ASCII characters: what fits an HTTP header unchanged.
-KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
+# 1..200 visible ASCII characters: what an HTTP header carries unchanged (no spaces, which HTTP
+# trims from a value's ends).
+KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 WAITING = "while waiting for the first request with the same idempotency key"
 
 
 def check_key(key: object) -> str:
     """A RunPod input's `idempotency_key` (the HTTP header is checked by FastAPI with KEY_PATTERN)."""
     if not isinstance(key, str) or not re.fullmatch(KEY_PATTERN, key):
-        raise ServiceError(ErrorCode.INVALID_REQUEST, "idempotency_key: must be 1..200 printable ASCII characters")
+        raise ServiceError(ErrorCode.INVALID_REQUEST, "idempotency_key: must be 1..200 visible ASCII characters (no spaces)")
     return key
 
 

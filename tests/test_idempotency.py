@@ -134,12 +134,12 @@ def test_a_duplicate_waits_no_longer_than_its_own_deadline():
     assert late.value.code == ErrorCode.TIMEOUT and "idempotency key" in late.value.message
 
 
-@pytest.mark.parametrize("key", ["job-1/clip-3/9f2c", "a", "x" * 200, "with spaces ~!"])
+@pytest.mark.parametrize("key", ["job-1/clip-3/9f2c", "a", "x" * 200, "~!{}"])
 def test_keys_that_are_accepted(key):
     assert check_key(key) == key
 
 
-@pytest.mark.parametrize("key", ["", "x" * 201, "tab\there", "é", 5, None])
+@pytest.mark.parametrize("key", ["", "x" * 201, "with space", "tab\there", "é", 5, None])
 def test_keys_that_are_refused(key):
     with pytest.raises(ServiceError) as refused:
         check_key(key)
