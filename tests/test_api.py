@@ -210,7 +210,8 @@ def test_url_delivery_uploads_to_s3_and_s3_down_is_upload_failed(tmp_path, tiny_
                             allow_private_urls=True, s3_bucket="renders", s3_endpoint_url=s3.endpoint)
         with LiveServer(create_app(settings)) as base:
             wait_ready(base)
-            response = post(base, request(lora_server, "a", output={"delivery": "url", "format": "webp"}), key=None)
+            url_body = request(lora_server, "a", output={"delivery": "url", "format": "webp"})
+            response = post(base, url_body, key=None)
             assert response.status_code == 200, response.text
             image = response.json()["images"][0]
             assert "base64" not in image and image["mime"] == "image/webp"
@@ -218,6 +219,11 @@ def test_url_delivery_uploads_to_s3_and_s3_down_is_upload_failed(tmp_path, tiny_
             assert fetched.status_code == 200
             assert hashlib.sha256(fetched.content).hexdigest() == image["sha256"]
             assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+            # a repeated Idempotency-Key gets the same URL back, and nothing more is uploaded
+            keyed = [httpx.post(f"{base}/v1/generate", json=url_body, headers={"idempotency-key": "job-1/clip-1"},
+                                timeout=120) for _ in range(2)]
+            assert keyed[0].status_code == 200 and keyed[1].content == keyed[0].content
+            assert s3.client().list_objects_v2(Bucket="renders")["KeyCount"] == 2
 
     down = settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{s3.port}"})  # stopped above
     with LiveServer(create_app(down)) as base:
