@@ -25,8 +25,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -36,8 +37,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api.check_page import add_check_page
 from api.metrics import Metrics
 from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
+from inference.backpressure import ServiceTimes, with_retry_after
 from inference.deadline import Deadline, timed_out
 from inference.errors import HTTP_STATUS, ErrorCode, RequestCancelled, ServiceError
+from inference.idempotency import KEY_PATTERN, WAITING, Claim, IdempotencyStore
 from inference.settings import Settings
 
 log = logging.getLogger("sdxl_lora.api")
@@ -57,6 +60,7 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
     settings = settings or Settings()
     metrics = Metrics()
     state = _State(settings, service, metrics, settings.shutdown_grace_s if grace_s is None else grace_s)
+    metrics.count_renders(lambda: state.service.images_rendered if state.service else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -87,9 +91,12 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
         headers = {"x-error-code": exc.code.value}
+        error = exc.to_dict()
         if exc.code == ErrorCode.BUSY:
-            headers["retry-after"] = str(state.retry_after_s())
-        return JSONResponse({"error": exc.to_dict()}, status_code=exc.http_status, headers=headers)
+            retry_after = state.retry_after_s()
+            headers["retry-after"] = str(retry_after)
+            error["message"] = with_retry_after(exc.message, retry_after)
+        return JSONResponse({"error": error}, status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestCancelled)
     async def cancelled(request: Request, exc: RequestCancelled):
@@ -116,8 +123,17 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
 
     @app.post("/v1/generate", response_model=GenerateResponse, response_model_exclude_none=True,
               responses={**ERROR_RESPONSES, **auth_errors}, dependencies=auth)
-    async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
-        return await state.run(body, request)
+    async def generate(body: GenerateRequest, request: Request, response: Response,
+                       idempotency_key: Annotated[str | None, Header(
+                           alias="Idempotency-Key", pattern=KEY_PATTERN,
+                           description="A repeat within IDEMPOTENCY_TTL_S gets the first answer, not a new render")] = None,
+                       ) -> GenerateResponse:
+        if idempotency_key is None:
+            return await state.run(body, request)
+        answer, replayed = await state.run_once(idempotency_key, body, request)
+        if replayed:
+            response.headers["idempotent-replayed"] = "true"
+        return answer
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -294,6 +310,8 @@ class _State:
         self.in_flight = 0  # running + waiting; touched only on the event loop
         self.executor = ThreadPoolExecutor(max_workers=settings.queue_max + 1, thread_name_prefix="generate")
         self._recent_seconds = 5.0
+        self.service_times = ServiceTimes()  # how long a request holds the pipeline: Retry-After
+        self.idempotency = IdempotencyStore.from_settings(settings)
         self.grace_s = grace_s
         self.draining = False
         self.drain_deadline = float("inf")  # time.monotonic() at which waiting requests are answered busy
@@ -315,7 +333,7 @@ class _State:
             self.load_error = f"pipeline failed to load: {exc}"
 
     def retry_after_s(self) -> int:
-        return max(1, round(self._recent_seconds))
+        return self.service_times.retry_after_s(self.in_flight)
 
     # -- shutdown ------------------------------------------------------------------------------
 
@@ -349,8 +367,41 @@ class _State:
 
     # -- one request ---------------------------------------------------------------------------
 
-    async def run(self, body: GenerateRequest, request: Request) -> GenerateResponse:
-        deadline = Deadline(self.settings.request_timeout_s)  # from arrival: waiting for the GPU counts
+    async def run_once(self, key: str, body: GenerateRequest, request: Request) -> tuple[GenerateResponse, bool]:
+        """`run` for a request with an idempotency key: the answer, and whether it is a replay (the
+        first request's with this key, kept or waited for without a place in the queue)."""
+        deadline = Deadline(self.settings.request_timeout_s)
+        while True:
+            claim = self.idempotency.claim(key, body)
+            if claim.first:
+                try:
+                    answer = await self.run(body, request, deadline)
+                except BaseException:
+                    self.idempotency.drop(claim)
+                    raise
+                self.idempotency.keep(claim, answer)
+                return answer, False
+            kept = await self._wait_for_first(claim, request, deadline)
+            if kept is not None:
+                return kept, True
+
+    async def _wait_for_first(self, claim: Claim, request: Request, deadline: Deadline) -> GenerateResponse | None:
+        """The answer of the first request with the claim's key, or None when it failed. Watches this
+        request's client and deadline meanwhile, as `_watch` does for a running one."""
+        outcome = asyncio.wrap_future(claim.outcome)  # never cancelled: other requests wait on the same
+        while not outcome.done():
+            await asyncio.wait({outcome}, timeout=DISCONNECT_POLL_S)
+            if outcome.done():
+                break
+            if await request.is_disconnected():
+                raise RequestCancelled("the client hung up")
+            if deadline.expired:
+                raise timed_out(deadline, WAITING)
+        return outcome.result()
+
+    async def run(self, body: GenerateRequest, request: Request, deadline: Deadline | None = None) -> GenerateResponse:
+        # From arrival: waiting for the GPU counts.
+        deadline = deadline or Deadline(self.settings.request_timeout_s)
         if self.draining:
             raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
         if self.service is None or not self.service.ready:
@@ -414,22 +465,26 @@ class _State:
     def _generate(self, body: GenerateRequest, ticket: _Ticket) -> GenerateResponse:
         """In a worker thread: the service's whole request, taking the pipeline's turn once the LoRAs
         are fetched (its "generate" phase) and giving it back when the images are made ("encode")."""
-        holding = False
+        held_since: float | None = None
 
         def progress(phase: str) -> None:
-            nonlocal holding
-            if phase == "generate" and not holding:
+            nonlocal held_since
+            if phase == "generate" and held_since is None:
                 self._take_turn(ticket)
-                holding = True
-            elif phase != "generate" and holding:
-                self.turn.release()
-                holding = False
+                held_since = time.perf_counter()
+            elif phase != "generate" and held_since is not None:
+                self._give_turn(held_since)
+                held_since = None
 
         try:
             return self.service.generate(body, progress=progress, deadline=ticket.deadline, cancel=ticket.cancel)
         finally:
-            if holding:
-                self.turn.release()
+            if held_since is not None:
+                self._give_turn(held_since)
+
+    def _give_turn(self, held_since: float) -> None:
+        self.service_times.observe(time.perf_counter() - held_since)
+        self.turn.release()
 
     def _take_turn(self, ticket: _Ticket) -> None:
         while True:

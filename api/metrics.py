@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from sdxl_lora_client.contract import GenerateResponse
 
@@ -30,6 +33,10 @@ class Metrics:
                                    ["reason"], registry=r)
         self.resident_adapters = Gauge("sdxl_lora_resident_adapters", "Adapters resident in the pipeline", registry=r)
 
+    def count_renders(self, images_rendered: Callable[[], int]) -> None:
+        """Export `images_rendered()` as sdxl_lora_images_generated_total, read at each scrape."""
+        self.registry.register(_RenderedImages(images_rendered))
+
     def observe(self, response: GenerateResponse) -> None:
         timings = response.timings_ms
         for phase in PHASES:
@@ -39,3 +46,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _RenderedImages:
+    """The images the pipeline rendered, as the inference service counts them where it renders: an
+    answer replayed for a repeated idempotency key renders nothing and adds nothing."""
+
+    def __init__(self, images_rendered: Callable[[], int]):
+        self.images_rendered = images_rendered
+
+    def collect(self):
+        yield CounterMetricFamily("sdxl_lora_images_generated", "Images the pipeline rendered",
+                                  value=self.images_rendered())

@@ -2,7 +2,11 @@
 
 Job input is validated by the same pydantic schema as the FastAPI body (not rp_validator, which
 skips a field's constraints when it has a default). Errors go back as RunPod carries them: a JSON
-string under `error` (the SDK's local /runsync answers 500 to a non-string error).
+string under `error` (the SDK's local /runsync answers 500 to a non-string error); a `busy` one's
+message ends with "retry after N s", RunPod's stand-in for the Retry-After header.
+
+An input's `idempotency_key` (beside the request's fields) makes a repeat within
+IDEMPOTENCY_TTL_S return the first answer without rendering (inference/idempotency.py).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from collections.abc import Callable
 from pydantic import ValidationError
 
 from sdxl_lora_client.contract import GenerateRequest
+from inference.backpressure import ServiceTimes, with_retry_after
+from inference.deadline import Deadline
 from inference.errors import ErrorCode, ServiceError
+from inference.idempotency import IdempotencyStore, check_key
 
 log = logging.getLogger("sdxl_lora.handler")
 
@@ -32,17 +39,34 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
     """A RunPod handler bound to a loaded service. Progress goes to RunPod only when deployed there."""
     if progress_update is None and os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
         from runpod.serverless import progress_update
+    idempotency = IdempotencyStore.from_settings(service.settings)
+    service_times = ServiceTimes()  # jobs run one at a time: a busy job waits for about one
 
     def handler(job: dict) -> dict:
+        job_input = job.get("input") or {}
+        key = None
+        if isinstance(job_input, dict) and "idempotency_key" in job_input:
+            job_input = dict(job_input)
+            key = job_input.pop("idempotency_key")
         try:
-            request = GenerateRequest.model_validate(job.get("input") or {})
+            request = GenerateRequest.model_validate(job_input)
         except ValidationError as exc:
             return error_output(ErrorCode.INVALID_REQUEST, validation_message(exc))
         report = (lambda phase: progress_update(job, phase)) if progress_update else None
+        deadline = Deadline(service.settings.request_timeout_s)
+
+        def render():
+            response = service.generate(request, progress=report, deadline=deadline)
+            service_times.observe(response.timings_ms.total / 1e3)
+            return response
+
         try:
-            return service.generate(request, progress=report).model_dump(mode="json", exclude_none=True)
+            response = render() if key is None else idempotency.answer(check_key(key), request, render, deadline)
+            return response.model_dump(mode="json", exclude_none=True)
         except ServiceError as exc:
             log.warning("job %r failed: %s %r", job.get("id"), exc.code.value, exc.message)
+            if exc.code == ErrorCode.BUSY:
+                return error_output(exc.code, with_retry_after(exc.message, service_times.retry_after_s(1)))
             return error_output(exc.code, exc.message)
         except Exception as exc:  # the worker must keep serving whatever one job does
             log.exception("job %r failed unexpectedly", job.get("id"))

@@ -61,6 +61,10 @@ class InferenceService:
         self.scorer = None  # IdentityScorer once SDXL_LORA_IDENTITY_MODEL has loaded
         self.identity = "off" if not settings.identity_model else "not loaded"
         self._s3 = None
+        # Images the pipeline rendered (the metric sdxl_lora_images_generated_total): an operator
+        # compares it with what was charged, so it counts renders, not answers.
+        self.images_rendered = 0
+        self._rendered_lock = threading.Lock()
 
     def _open_store(self) -> LoraStore:
         """The configured LoRA cache; where it cannot be written (a root-owned network volume, a
@@ -242,11 +246,14 @@ class InferenceService:
         """engine.generate; a LoRA file the pipeline refuses leaves the disk cache (it would be refused
         again, and would hold cache room meanwhile)."""
         try:
-            return engine.generate(job, deadline, cancel)
+            result = engine.generate(job, deadline, cancel)
         except ServiceError as exc:
             if exc.lora is not None and exc.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE):
                 self.store.discard(exc.lora)
             raise
+        with self._rendered_lock:
+            self.images_rendered += len(result.images)
+        return result
 
     # -- reference images and uploads ---------------------------------------------------------
 

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = None
     s3_prefix: str = "sdxl-lora/"
     queue_max: int = Field(default=16, ge=0)
+    # Answers kept for repeated Idempotency-Keys (inference/idempotency.py): how long after the first
+    # answer, and how many bytes of answers in all (least recently used evicted first).
+    idempotency_ttl_s: float = Field(default=3600.0, gt=0)
+    idempotency_max_bytes: int = Field(default=256 * 1024**2, ge=0)
     # The whole request, fetch to delivery (queueing for the pipeline included): past it the answer is
     # `timeout` and the generation stops at its next denoising step. 180 s holds the contract's
     # largest request on an H100-class GPU with room to spare; a client's 1024x1024, 30-step image

@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import pickle
+import re
 import threading
 
 import httpx
@@ -168,6 +169,7 @@ def test_health_ready_metrics_adapters(service_url, lora_server):
     assert 'sdxl_lora_phase_seconds_count{phase="inference"}' in metrics
     assert "sdxl_lora_adapter_requests_total" in metrics
     assert "sdxl_lora_queue_depth" in metrics
+    assert float(re.search(r"^sdxl_lora_images_generated_total (\S+)$", metrics, re.M).group(1)) >= 1
     adapters = httpx.get(f"{service_url}/v1/adapters", headers={"authorization": f"Bearer {API_KEY}"}).json()
     assert len(adapters["resident"]) <= 2 and adapters["resident"][0]["id"] == "id-a"
     assert {entry["id"] for entry in adapters["disk"]} >= {"id-a"}
@@ -208,7 +210,8 @@ def test_url_delivery_uploads_to_s3_and_s3_down_is_upload_failed(tmp_path, tiny_
                             allow_private_urls=True, s3_bucket="renders", s3_endpoint_url=s3.endpoint)
         with LiveServer(create_app(settings)) as base:
             wait_ready(base)
-            response = post(base, request(lora_server, "a", output={"delivery": "url", "format": "webp"}), key=None)
+            url_body = request(lora_server, "a", output={"delivery": "url", "format": "webp"})
+            response = post(base, url_body, key=None)
             assert response.status_code == 200, response.text
             image = response.json()["images"][0]
             assert "base64" not in image and image["mime"] == "image/webp"
@@ -216,6 +219,11 @@ def test_url_delivery_uploads_to_s3_and_s3_down_is_upload_failed(tmp_path, tiny_
             assert fetched.status_code == 200
             assert hashlib.sha256(fetched.content).hexdigest() == image["sha256"]
             assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
+            # a repeated Idempotency-Key gets the same URL back, and nothing more is uploaded
+            keyed = [httpx.post(f"{base}/v1/generate", json=url_body, headers={"idempotency-key": "job-1/clip-1"},
+                                timeout=120) for _ in range(2)]
+            assert keyed[0].status_code == 200 and keyed[1].content == keyed[0].content
+            assert s3.client().list_objects_v2(Bucket="renders")["KeyCount"] == 2
 
     down = settings.model_copy(update={"s3_endpoint_url": f"http://127.0.0.1:{s3.port}"})  # stopped above
     with LiveServer(create_app(down)) as base:

@@ -74,3 +74,14 @@ def test_compile_bench_finds_resident_switches_compiling_again():
     assert result["a_b_a_identical"]
     assert by_step["A again"]["new_graphs"] == 0
     assert by_step["A (resident switch)"]["new_graphs"] >= 1
+
+
+def test_queue_bench_answers_every_request():
+    from sdxl_lora_tools.bench.queue import run
+
+    result = run(queue_maxes=(0, 8), clients=3, requests=1, service_s=0, steps=1, as_json=True)
+    for queue_max in (0, 8):
+        burst = result["by_queue_max"][queue_max]
+        assert burst["ok"] == 3 and burst["failed"] == 0 and burst["throughput_ratio"] > 0
+        assert burst["p95_s"] >= burst["p50_s"] > 0
+    assert result["by_queue_max"][8]["busy"] == 0  # three callers fit a queue of eight

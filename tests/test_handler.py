@@ -14,6 +14,7 @@ import pytest
 
 from sdxl_lora_client.contract import GenerateRequest
 from handler.worker import make_handler
+from inference.backpressure import RETRY_AFTER_MESSAGE
 from inference.service import InferenceService
 from inference.settings import Settings
 from tests.fakes import LiveServer, start_handler_api, wait_ready
@@ -89,6 +90,11 @@ def test_serve_api_runsync_and_run_status_return_the_fastapi_image(worker_env, b
         assert status["status"] == "COMPLETED", status
         assert status["output"]["images"][0]["sha256"] == fastapi_image["sha256"]
 
+        keyed = {"input": {**body, "seed": None, "idempotency_key": "job-1/clip-1"}}  # a repeat would pick another seed
+        first = httpx.post(f"{base}/runsync", json=keyed, timeout=120).json()
+        assert first["status"] == "COMPLETED", first
+        assert httpx.post(f"{base}/runsync", json=keyed, timeout=120).json()["output"] == first["output"]
+
         failed = httpx.post(f"{base}/runsync", json={"input": {**body, "width": 63}}, timeout=60)
         assert failed.status_code == 200 and failed.json()["status"] == "FAILED"
         error = json.loads(failed.json()["error"])
@@ -112,3 +118,28 @@ def test_handler_maps_every_failure_to_a_json_string_error(tiny_model, tmp_path,
         assert json.loads(result["error"])["code"] == code
     ok = handler({"id": "job", "input": GenerateRequest(prompt="x", num_inference_steps=1, width=64, height=64).model_dump()})
     assert "error" not in ok and ok["images"][0]["width"] == 64
+
+
+def test_handler_answers_a_repeated_idempotency_key_without_rendering(tiny_model, tmp_path):
+    service = InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path))
+    service.load()
+    handler = make_handler(service)
+    job_input = {"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64, "idempotency_key": "job-1/clip-1"}
+    first = handler({"id": "job-a", "input": job_input})  # no seed: a second render would pick another one
+    assert "error" not in first, first
+    assert handler({"id": "job-b", "input": dict(job_input)}) == first
+    assert service.images_rendered == 1
+    for bad_input in ({**job_input, "prompt": "y"}, {**job_input, "idempotency_key": ""},
+                      {**job_input, "idempotency_key": 7}):
+        error = json.loads(handler({"id": "job-c", "input": bad_input})["error"])
+        assert error["code"] == "invalid_request" and "idempotency" in error["message"]
+    assert service.images_rendered == 1
+    assert "error" not in handler({"id": "job-d", "input": {**job_input, "idempotency_key": "job-1/clip-2"}})
+    assert service.images_rendered == 2
+
+
+def test_handler_busy_message_carries_retry_after(tiny_model, tmp_path):
+    not_loaded = InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path))
+    error = json.loads(make_handler(not_loaded)({"id": "job", "input": {"prompt": "x"}})["error"])
+    assert error["code"] == "busy" and error["message"].startswith("the pipeline is still loading")
+    assert int(RETRY_AFTER_MESSAGE.search(error["message"]).group(1)) >= 1

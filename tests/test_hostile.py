@@ -26,6 +26,7 @@ import pickle
 import socket
 import struct
 import time
+import uuid
 import zipfile
 import zlib
 from pathlib import Path
@@ -111,7 +112,10 @@ def test_every_generated_request_gets_a_documented_answer(api_schema, api_base, 
         generate = case.path == "/v1/generate"
         # A schema-valid generate request may still fail on what the schema cannot know (the LoRA or
         # image behind a URL): checked below, more strictly than schemathesis' own acceptance check.
-        response = case.call_and_validate(headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120,
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        if generate and mode == "positive":  # a generated key seen before with another body is rightly refused
+            headers["Idempotency-Key"] = uuid.uuid4().hex
+        response = case.call_and_validate(headers=headers, timeout=120,
                                           excluded_checks=[positive_data_acceptance] if generate else None)
         API_CASES[f"{mode} {case.method} {case.path} {response.status_code}"] += 1
         if generate and response.status_code != 200:

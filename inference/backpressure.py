@@ -1,0 +1,39 @@
+"""How long a caller answered `busy` should wait before trying again (its Retry-After).
+
+The estimate is the time the pipeline needs for the requests already in flight: a moving average
+of how long one request holds the pipeline, times the requests in flight, over the pipelines that
+serve them. A client that retries at a random point within it (full jitter) spreads its retries
+over the time the queue takes to drain, instead of all retrying at once.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+
+# A busy error's message ends with this, so a RunPod client (no headers there) reads the same figure.
+RETRY_AFTER_MESSAGE = re.compile(r"retry after (\d+) s$")
+DEFAULT_SERVICE_S = 5.0  # before the first request: about one SDXL image on a GPU
+WEIGHT = 0.2  # of the newest service time in the moving average
+
+
+class ServiceTimes:
+    """An exponentially weighted moving average of the time one request holds the pipeline."""
+
+    def __init__(self, initial_s: float = DEFAULT_SERVICE_S):
+        self.seconds = initial_s
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float) -> None:
+        with self._lock:
+            self.seconds += WEIGHT * (seconds - self.seconds)
+
+    def retry_after_s(self, in_flight: int, workers: int = 1) -> int:
+        """Whole seconds, at least 1: the time `in_flight` requests (at least one) keep `workers` busy."""
+        return max(1, math.ceil(self.seconds * max(1, in_flight) / workers))
+
+
+def with_retry_after(message: str, seconds: int) -> str:
+    """A busy error's message, carrying its Retry-After in the form RETRY_AFTER_MESSAGE reads."""
+    return f"{message}; retry after {seconds} s"
