@@ -64,6 +64,7 @@ class _Unloaded:
     """The app's schema and validation need no pipeline."""
 
     ready = False
+    settings = Settings(model="unused", device="cpu")
 
     def load(self) -> None:
         pass
