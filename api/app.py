@@ -34,7 +34,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import Metrics
-from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
+from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse, PrefetchRequest, PrefetchResponse
 from inference.deadline import Deadline, timed_out
 from inference.errors import HTTP_STATUS, ErrorCode, RequestCancelled, ServiceError
 from inference.settings import Settings
@@ -117,6 +117,11 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
               responses={**ERROR_RESPONSES, **auth_errors}, dependencies=auth)
     async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         return await state.run(body, request)
+
+    @app.post("/v1/loras/prefetch", response_model=PrefetchResponse, response_model_exclude_none=True,
+              responses={**ERROR_RESPONSES, **auth_errors}, dependencies=auth)
+    async def prefetch(body: PrefetchRequest) -> PrefetchResponse:
+        return await state.prefetch(body)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -377,6 +382,16 @@ class _State:
         self.metrics.observe(response)
         self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * response.timings_ms.total / 1e3
         return response
+
+    async def prefetch(self, body: PrefetchRequest) -> PrefetchResponse:
+        """Beside the generation queue: a prefetch never waits for the pipeline nor takes a request's
+        place in the queue, and runs while the pipeline is still loading (into the disk cache)."""
+        if self.draining:
+            raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+        if self.service is None:
+            raise ServiceError(ErrorCode.BUSY, "the service is still starting")
+        deadline = Deadline(self.settings.request_timeout_s)
+        return await asyncio.to_thread(self.service.prefetch, body, deadline)
 
     async def _watch(self, future, ticket: _Ticket, request: Request) -> None:
         """Wait for `future` while watching the client, the deadline and the drain.

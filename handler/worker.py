@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from sdxl_lora_client.contract import GenerateRequest
+from sdxl_lora_client.contract import GenerateRequest, PrefetchRequest
 from inference.errors import ErrorCode, ServiceError
 
 log = logging.getLogger("sdxl_lora.handler")
@@ -34,12 +34,21 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
         from runpod.serverless import progress_update
 
     def handler(job: dict) -> dict:
+        job_input = job.get("input") or {}
+        prefetch = isinstance(job_input, dict) and "prefetch" in job_input
+        if prefetch and set(job_input) != {"prefetch"}:
+            return error_output(ErrorCode.INVALID_REQUEST, "a prefetch job's input holds `prefetch` and nothing else")
         try:
-            request = GenerateRequest.model_validate(job.get("input") or {})
+            if prefetch:
+                request = PrefetchRequest.model_validate(job_input["prefetch"])
+            else:
+                request = GenerateRequest.model_validate(job_input)
         except ValidationError as exc:
             return error_output(ErrorCode.INVALID_REQUEST, validation_message(exc))
         report = (lambda phase: progress_update(job, phase)) if progress_update else None
         try:
+            if prefetch:
+                return service.prefetch(request).model_dump(mode="json", exclude_none=True)
             return service.generate(request, progress=report).model_dump(mode="json", exclude_none=True)
         except ServiceError as exc:
             log.warning("job %s failed: %s %s", job.get("id"), exc.code.value, exc.message)
