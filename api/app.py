@@ -34,7 +34,8 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.metrics import Metrics
-from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse, PrefetchRequest, PrefetchResponse
+from sdxl_lora_client.contract import (ErrorResponse, GenerateRequest, GenerateResponse, PrefetchRequest,
+                                       PrefetchResponse)
 from inference.deadline import Deadline, timed_out
 from inference.errors import HTTP_STATUS, ErrorCode, RequestCancelled, ServiceError
 from inference.settings import Settings

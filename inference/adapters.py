@@ -87,7 +87,8 @@ class AdapterCache:
 
     # -- mutation (engine lock held) -----------------------------------------------------------
 
-    def activate(self, loras: list[tuple[LoraFile, float]], prepared: dict[str, PreparedLora] | None = None) -> list[str]:
+    def activate(self, loras: list[tuple[LoraFile, float]],
+                 prepared: dict[str, PreparedLora] | None = None) -> list[str]:
         """Make exactly these LoRAs active at these scales; return each one's source.
 
         `prepared` (by sha256) holds the LoRAs prepared before the lock; one not resident and not

@@ -48,5 +48,6 @@ def read_verified(path: Path, expected_sha256: str | None, pin_memory: bool = Fa
     if expected_sha256 is not None:
         actual = digest.hexdigest()
         if done != size or actual != expected_sha256:
-            raise CorruptEntry(f"cached file {Path(path).name} has sha256 {actual[:12]}…, not {expected_sha256[:12]}…")
+            raise CorruptEntry(f"cached file {Path(path).name} has sha256 {actual[:12]}…, "
+                               f"not {expected_sha256[:12]}…")
     return buffer[:done]

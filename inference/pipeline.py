@@ -160,6 +160,7 @@ class Engine:
         try:
             started = time.perf_counter()
             sources = self.adapters.activate(job.loras, job.prepared)
+            job.prepared = {}  # consumed: injected (or copied in place), the read buffers can go
             job = replace(job, prompt=self.adapters.prompt_for(job.prompt, [lora for lora, _ in job.loras]))
             adapter_done = time.perf_counter()
             images = [self._one_image(job, job.seed + i, stop) for i in range(job.num_images)]

@@ -28,7 +28,7 @@ class PreparedLora:
     lora: LoraFile
     weights: LoraWeights
     summary: LoraSummary
-    unet: UnetLora | None  # the UNet layers in PEFT keys with their config (what a hot-swap writes); None: PEFT's path only
+    unet: UnetLora | None  # UNet layers in PEFT keys + config (what a hot-swap writes); None: PEFT's path only
     token_rows: list[torch.Tensor] | None  # a bundle's embeddings for both text encoders, verified
 
 

@@ -172,6 +172,7 @@ class InferenceService:
             image=reference, strength=request.strength,
         )
         _put_loras(job, request, ready)
+        del ready  # the prepared tensors now only in `job`, which the engine lets go of once they are injected
         result = self._generate_from_the_cache(engine, job, request, deadline, cancel)
         lora_files = [lora for lora, _ in job.loras]
         _check(deadline, "before encoding the images")

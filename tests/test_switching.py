@@ -27,7 +27,8 @@ def test_a_switch_touches_only_the_layers_fields_never_each_resident_adapter(tin
     toggles = []
     for owner in (torch.Tensor, torch.nn.Module):
         real = owner.requires_grad_
-        monkeypatch.setattr(owner, "requires_grad_", lambda self, *a, real=real, **k: toggles.append(1) or real(self, *a, **k))
+        monkeypatch.setattr(owner, "requires_grad_",
+                            lambda self, *a, real=real, **k: toggles.append(1) or real(self, *a, **k))
 
     layers = engine.adapters._lora_layers()
     for request in ([(files[0], 1.0)], [], [(files[1], 0.5), (files[2], 1.0)], [(files[3], 1.0)]):
