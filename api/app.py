@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.check_page import add_check_page
 from api.metrics import Metrics
-from sdxl_lora_client.contract import ErrorResponse, GenerateRequest, GenerateResponse
+from sdxl_lora_client.contract import (ErrorResponse, GenerateRequest, GenerateResponse, PrefetchRequest,
+                                       PrefetchResponse)
 from inference.backpressure import ServiceTimes, with_retry_after
 from inference.deadline import Deadline, timed_out
 from inference.errors import HTTP_STATUS, ErrorCode, RequestCancelled, ServiceError
@@ -134,6 +135,11 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
         if replayed:
             response.headers["idempotent-replayed"] = "true"
         return answer
+
+    @app.post("/v1/loras/prefetch", response_model=PrefetchResponse, response_model_exclude_none=True,
+              responses={**ERROR_RESPONSES, **auth_errors}, dependencies=auth)
+    async def prefetch(body: PrefetchRequest) -> PrefetchResponse:
+        return await state.prefetch(body)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -428,6 +434,16 @@ class _State:
         self.metrics.observe(response)
         self._recent_seconds = 0.8 * self._recent_seconds + 0.2 * response.timings_ms.total / 1e3
         return response
+
+    async def prefetch(self, body: PrefetchRequest) -> PrefetchResponse:
+        """Beside the generation queue: a prefetch never waits for the pipeline nor takes a request's
+        place in the queue, and runs while the pipeline is still loading (into the disk cache)."""
+        if self.draining:
+            raise ServiceError(ErrorCode.BUSY, "the service is shutting down")
+        if self.service is None:
+            raise ServiceError(ErrorCode.BUSY, "the service is still starting")
+        deadline = Deadline(self.settings.request_timeout_s)
+        return await asyncio.to_thread(self.service.prefetch, body, deadline)
 
     async def _watch(self, future, ticket: _Ticket, request: Request) -> None:
         """Wait for `future` while watching the client, the deadline and the drain.

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from sdxl_lora_client.contract import GenerateRequest
+from sdxl_lora_client.contract import GenerateRequest, PrefetchRequest
 from inference.backpressure import ServiceTimes, with_retry_after
 from inference.deadline import Deadline
 from inference.errors import ErrorCode, ServiceError
@@ -44,12 +44,18 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
 
     def handler(job: dict) -> dict:
         job_input = job.get("input") or {}
+        prefetch = isinstance(job_input, dict) and "prefetch" in job_input
+        if prefetch and set(job_input) != {"prefetch"}:
+            return error_output(ErrorCode.INVALID_REQUEST, "a prefetch job's input holds `prefetch` and nothing else")
         key = None
-        if isinstance(job_input, dict) and "idempotency_key" in job_input:
+        if not prefetch and isinstance(job_input, dict) and "idempotency_key" in job_input:
             job_input = dict(job_input)
             key = job_input.pop("idempotency_key")
         try:
-            request = GenerateRequest.model_validate(job_input)
+            if prefetch:
+                request = PrefetchRequest.model_validate(job_input["prefetch"])
+            else:
+                request = GenerateRequest.model_validate(job_input)
         except ValidationError as exc:
             return error_output(ErrorCode.INVALID_REQUEST, validation_message(exc))
         report = (lambda phase: progress_update(job, phase)) if progress_update else None
@@ -61,6 +67,8 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
             return response
 
         try:
+            if prefetch:
+                return service.prefetch(request).model_dump(mode="json", exclude_none=True)
             response = render() if key is None else idempotency.answer(check_key(key), request, render, deadline)
             return response.model_dump(mode="json", exclude_none=True)
         except ServiceError as exc:

@@ -1,12 +1,13 @@
 """LoRA adapters resident in the pipeline through PEFT: which are resident, which are active.
 
-The least recently used adapter makes room for a new LoRA: its layers are reused for a UNet LoRA
+A new LoRA comes prepared (`inference.prepared`: read, verified, parsed, preflighted before the
+lock). The least recently used adapter makes room for it: its layers are reused for a UNet LoRA
 they can hold (`inference.hotswap`), otherwise it is deleted and the new one injected. Before each
 generation exactly the request's LoRAs are made active at their scales, through PEFT's per-layer
 API on a cached list of the LoRA layers; with fusing on, they are then merged into the weights
 (`inference.fusing`). A bundle's tokens ride along with its adapter (`inference.bundle_tokens`).
 
-Every method here mutates the pipeline's modules, so the caller must hold the engine's lock:
+Every method here but the queries mutates the pipeline's modules, so the caller must hold the engine's lock:
 diffusers/PEFT injection, deletion and generation are not safe to interleave (schedulers keep
 state, and `low_cpu_mem_usage` patches `nn.Module.register_parameter` process-wide).
 """
@@ -23,11 +24,11 @@ import torch
 from inference.bundle_tokens import load_tokens, rewrite_prompt, unload_tokens
 from inference.errors import ErrorCode, ServiceError
 from inference.fusing import Fusing
-from inference.integrity import CorruptEntry
-from inference.hotswap import UnetLora, can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
-from inference.lora_compat import LoraSummary, LoraWeights, check_lora_weights, read_lora
+from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
+from inference.lora_compat import LoraSummary, LoraWeights
 from inference.lora_store import LoraFile
-from inference.peft_internals import hotswap_refusal, load_into_pipeline
+from inference.peft_internals import hotswap_refusal, load_into_pipeline, set_active_adapters
+from inference.prepared import PreparedLora, prepare
 from inference.quiet import transformers_errors_only
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,10 @@ class AdapterCache:
         """Most recently used first."""
         return list(reversed(self._resident.values()))
 
+    def is_resident(self, sha256: str) -> bool:
+        """Safe without the lock (a dict lookup); the answer may be stale by the time the lock is taken."""
+        return sha256 in self._resident
+
     def injected_names(self) -> set[str]:
         """Adapter names present in any LoRA layer of the pipeline (ground truth, not bookkeeping)."""
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -82,11 +87,14 @@ class AdapterCache:
 
     # -- mutation (engine lock held) -----------------------------------------------------------
 
-    def activate(self, loras: list[tuple[LoraFile, float]]) -> list[str]:
+    def activate(self, loras: list[tuple[LoraFile, float]],
+                 prepared: dict[str, PreparedLora] | None = None) -> list[str]:
         """Make exactly these LoRAs active at these scales; return each one's source.
 
-        Source is "resident" when the adapter was already in the pipeline, else the store's
-        ("disk" or "download"). Without LoRAs every adapter is disabled.
+        `prepared` (by sha256) holds the LoRAs prepared before the lock; one not resident and not
+        there (it left the cache since it was found resident, or the caller prepares nothing) is
+        prepared here. Source is "resident" when the adapter was already in the pipeline, else the
+        store's ("disk" or "download"). Without LoRAs every adapter is disabled.
         """
         if len(loras) > self.max_resident:
             raise ServiceError(
@@ -94,7 +102,8 @@ class AdapterCache:
                 f"request uses {len(loras)} LoRAs but at most {self.max_resident} can be resident at once",
             )
         keep = {lora.sha256 for lora, _ in loras}
-        placed = [self._ensure_resident(lora, keep) for lora, _ in loras]
+        prepared = prepared or {}
+        placed = [self._ensure_resident(lora, keep, prepared.get(lora.sha256)) for lora, _ in loras]
         self._set_active([(name, scale) for (name, _), (_, scale) in zip(placed, loras)])
         return [source for _, source in placed]
 
@@ -116,27 +125,23 @@ class AdapterCache:
                 prompt = rewrite_prompt(prompt, lora, adapter.tokens)
         return prompt
 
-    def _ensure_resident(self, lora: LoraFile, keep: set[str]) -> tuple[str, str]:
+    def _ensure_resident(self, lora: LoraFile, keep: set[str], ready: PreparedLora | None) -> tuple[str, str]:
         """Make `lora` resident; return (its PEFT adapter name, where it came from)."""
         hit = self._resident.get(lora.sha256)
         if hit is not None:
             self._resident.move_to_end(lora.sha256)
             hit.uses += 1
             return hit.name, "resident"
-        try:
-            weights = read_lora(self.pipe, lora.path, lora.expected_sha256(lora.path))
-            summary = check_lora_weights(self.pipe, weights.state_dict)
-        except (ServiceError, CorruptEntry) as exc:  # the file's fault: the service drops it from the cache
-            exc.lora = lora
-            raise
+        ready = ready or prepare(self.pipe, lora)  # the file's faults name the LoRA: the service drops it
+        summary = ready.summary
         tokens = None
         if len(self._resident) >= self.max_resident:
             victim_key = next(k for k in self._resident if k not in keep)
             victim = self._resident[victim_key]
             if self.hotswap and can_hotswap(victim.summary, summary):
-                tokens = self._load_tokens(lora)  # first: a bad bundle leaves the victim untouched
+                tokens = self._load_tokens(ready)  # first: a bad bundle leaves the victim untouched
                 try:
-                    swapped = self._hotswap(victim.name, lora, weights)
+                    swapped = self._hotswap(victim.name, ready)
                 except Exception:
                     self._unload_tokens(tokens)
                     self._evict(victim_key)  # whatever the failed swap left of its layers
@@ -154,9 +159,9 @@ class AdapterCache:
         self._injections += 1
         name = f"lora{self._injections}_{lora.sha256[:12]}"  # ModuleDict keys: no dots
         if tokens is None:
-            tokens = self._load_tokens(lora)
+            tokens = self._load_tokens(ready)
         try:
-            self._inject(name, lora, weights)
+            self._inject(name, lora, ready.weights)
         except Exception:
             self._unload_tokens(tokens)
             raise
@@ -187,11 +192,11 @@ class AdapterCache:
         log.info("adapter %s %s for %r in %.0f ms", name, "hot-swapped" if hotswap else "injected", lora.lora_id,
                  (time.perf_counter() - started) * 1e3)
 
-    def _load_tokens(self, lora: LoraFile) -> dict[str, str]:
+    def _load_tokens(self, ready: PreparedLora) -> dict[str, str]:
         try:
-            return load_tokens(self.pipe, lora)
-        except (ServiceError, CorruptEntry) as exc:
-            exc.lora = lora
+            return load_tokens(self.pipe, ready.lora, ready.token_rows)
+        except ServiceError as exc:
+            exc.lora = ready.lora
             raise
 
     def _unload_tokens(self, tokens: dict[str, str]) -> None:
@@ -199,13 +204,13 @@ class AdapterCache:
             self._active_state = None
             unload_tokens(self.pipe, tokens)
 
-    def _hotswap(self, name: str, lora: LoraFile, weights: LoraWeights) -> bool:
+    def _hotswap(self, name: str, ready: PreparedLora) -> bool:
         """Put `lora`'s weights into the existing adapter `name` (see `inference.hotswap`).
 
         Returns False, having changed nothing, when it cannot: text-encoder layers, or a config PEFT
         would refuse to swap (alpha_pattern, dropout, rsLoRA, DoRA must agree); the caller injects.
         """
-        unet_lora = UnetLora.parse(weights)
+        lora, unet_lora = ready.lora, ready.unet
         if unet_lora is None:
             return False
         slot = {path: layer for path, layer in self._named_unet_layers() if name in layer.lora_A}
@@ -220,7 +225,7 @@ class AdapterCache:
         if refusal:
             log.info("not hot-swapping %r into %s: %r", lora.lora_id, name, refusal[:200])
             return False
-        self._inject(name, lora, weights, hotswap=True)
+        self._inject(name, lora, ready.weights, hotswap=True)
         give_each_module_its_scaling(self._named_unet_layers(), name, unet_lora)
         return True
 
@@ -261,9 +266,9 @@ class AdapterCache:
     def _set_active(self, active: list[tuple[str, float]]) -> None:
         """Set exactly these adapters active at these scales, unless the layers are known to be so.
 
-        The per-layer calls of diffusers' `set_adapters`/`enable_lora`/`disable_lora`, over a cached
-        list of the LoRA layers and with PEFT's `inference_mode=True`: a switch then skips the walk
-        over every module and the requires_grad toggling (40 % less time on the tiny model), and the
+        What diffusers' `set_adapters`/`enable_lora`/`disable_lora` do per layer, over a cached list
+        of the LoRA layers, without PEFT's requires_grad toggling over every resident adapter
+        (`set_active_adapters`): a switch costs the same with 2 or 16 adapters resident, and the
         same LoRAs as last time cost nothing.
         """
         state = tuple(active)
@@ -275,12 +280,7 @@ class AdapterCache:
         names = [name for name, _ in active]
         layers = self._lora_layers()
         for layer in layers:
-            if not active:
-                layer.enable_adapters(False)
-                continue
-            if previous is None or previous == ():
-                layer.enable_adapters(True)
-            layer.set_adapter(names, inference_mode=True)
+            set_active_adapters(layer, names)
             for name, scale in active:
                 layer.set_scale(name, scale)  # ignores adapters this layer does not have
         if self.fuse and active:

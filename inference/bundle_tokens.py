@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 
-from inference.bundles import load_embedding_rows
 from inference.errors import ErrorCode, ServiceError
 from inference.lora_store import LoraFile
 
@@ -21,8 +20,9 @@ def _encoders(pipe):
     return ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
 
 
-def load_tokens(pipe, lora: LoraFile) -> dict[str, str]:
-    """Load a bundle's embeddings into both text encoders; return trainer token -> loaded token.
+def load_tokens(pipe, lora: LoraFile, rows: list | None) -> dict[str, str]:
+    """Load a bundle's embeddings (`rows`, read by `inference.prepared`) into both text encoders;
+    return trainer token -> loaded token.
 
     All or nothing: embeddings of the wrong width are refused before anything is loaded, and a
     failure half-way unloads what was loaded.
@@ -30,7 +30,6 @@ def load_tokens(pipe, lora: LoraFile) -> dict[str, str]:
     if lora.tokens is None:
         return {}
     names = {token: f"<{lora.sha256[:12]}_{token[1:-1]}>" for token in lora.tokens.tokens}
-    rows = load_embedding_rows(lora.tokens.embeddings, lora.expected_sha256(lora.tokens.embeddings))
     for (encoder, _), row in zip(_encoders(pipe), rows):
         width = encoder.get_input_embeddings().embedding_dim
         if row.shape[1] != width:

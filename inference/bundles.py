@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
+from inference.safetensors_buffer import load_buffer
 
 LORA_FILE = "lora.safetensors"
 EMBEDDINGS_FILE = "embeddings.pti"
@@ -179,7 +180,5 @@ def _read_substitutions(path: Path, tokens: tuple[str, ...]) -> tuple[tuple[str,
 def load_embedding_rows(embeddings: Path, expected_sha256: str | None = None) -> list:
     """The (tokens, width) tensors for text_encoder and text_encoder_2, in that order (the file's
     sha256 checked first: `CorruptEntry` on a mismatch)."""
-    from safetensors.torch import load
-
-    tensors = load(read_verified(embeddings, expected_sha256))
+    tensors, _ = load_buffer(read_verified(embeddings, expected_sha256))
     return [tensors[next(k for k in names if k in tensors)] for names in EMBEDDING_KEYS]

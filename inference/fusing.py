@@ -26,11 +26,12 @@ class Fusing:
 
     def fuse(self, layers: list, adapter_names: list[str]) -> None:
         """Merge `adapter_names` into every layer that has any of them (layers unmerged before)."""
-        for layer in layers:
-            here = [name for name in adapter_names if name in layer.lora_A]
-            if here:
-                self.saved[layer] = layer.get_base_layer().weight.detach().clone()
-                layer.merge(adapter_names=here)
+        with torch.no_grad():  # adapter weights may still require grad (set_active_adapters leaves the flag)
+            for layer in layers:
+                here = [name for name in adapter_names if name in layer.lora_A]
+                if here:
+                    self.saved[layer] = layer.get_base_layer().weight.detach().clone()
+                    layer.merge(adapter_names=here)
 
     def unfuse(self) -> None:
         for layer, weight in self.saved.items():

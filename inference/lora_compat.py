@@ -5,10 +5,12 @@ and the image then comes out unchanged; a shape mismatch surfaces half-way throu
 So before anything is injected, the file is normalised exactly as diffusers will normalise it
 (kohya/A1111 -> diffusers -> PEFT keys) and checked against the pipeline's modules.
 
-`read_lora` opens the file once and hands the same tensors to the preflight and to diffusers'
-loaders (`load_lora_weights` would read and convert the file a second time). Once open, a file
-another worker evicts from a shared cache stays readable; one already gone raises
-FileNotFoundError, which the service answers by fetching it again.
+`read_lora` reads the file once (hashing it on the way) and hands the same tensors, views of that
+one buffer, to the preflight and to diffusers' loaders (`load_lora_weights` would read and convert
+the file a second time). Neither needs the pipeline lock: both read only the pipeline's
+configuration and module shapes (`inference.prepared`). Once open, a file another worker evicts
+from a shared cache stays readable; one already gone raises FileNotFoundError, which the service
+answers by fetching it again.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
+from inference.safetensors_buffer import load_buffer
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +60,18 @@ def incompatible(message: str) -> ServiceError:
     return ServiceError(ErrorCode.LORA_INCOMPATIBLE, message)
 
 
-def read_lora(pipe, path: Path, expected_sha256: str | None = None) -> LoraWeights:
+def read_lora(pipe, path: Path, expected_sha256: str | None = None, pin_memory: bool = False) -> LoraWeights:
     """Read `path` once, check its sha256 (`CorruptEntry` on a mismatch), and convert it as
-    `load_lora_weights` would (kohya/A1111 keys included).
+    `load_lora_weights` would (kohya/A1111 keys included). With `pin_memory` the tensors live in
+    page-locked memory, for a fast copy to the GPU.
 
     cog-sdxl (Replicate) saves UNet attention-processor keys without the ``unet.`` prefix that
     diffusers' loaders select by; they get it here.
     """
-    from safetensors.torch import load
-
-    data = read_verified(path, expected_sha256)  # FileNotFoundError: evicted by another worker
+    buffer = read_verified(path, expected_sha256, pin_memory)  # FileNotFoundError: evicted by another worker
     try:
-        raw = load(data)
-        header = _safetensors_metadata(data)
-    except Exception as exc:
+        raw, header = load_buffer(buffer)
+    except ValueError as exc:
         raise ServiceError(ErrorCode.LORA_INVALID, f"not a readable safetensors LoRA: {str(exc)[:300]}") from exc
     try:
         metadata = json.loads(header[METADATA_KEY]) if header.get(METADATA_KEY) else None
@@ -81,12 +82,6 @@ def read_lora(pipe, path: Path, expected_sha256: str | None = None) -> LoraWeigh
     if state_dict and all(k.split(".", 1)[0] in UNET_BLOCKS for k in state_dict):
         state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
     return LoraWeights(state_dict, alphas, metadata)
-
-
-def _safetensors_metadata(data: bytes) -> dict:
-    """The `__metadata__` of a safetensors file's header (8-byte little-endian length, then JSON)."""
-    length = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + length]).get("__metadata__") or {}
 
 
 def fold_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None):

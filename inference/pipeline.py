@@ -20,6 +20,7 @@ from inference.adapters import AdapterCache
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, RequestCancelled, ServiceError
 from inference.lora_store import LoraFile
+from inference.prepared import PreparedLora, prepare
 from inference.quiet import quiet_libraries
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class GenerationJob:
     image: Image.Image | None = None  # reference image: img2img when set
     strength: float = 0.6
     loras: list[tuple[LoraFile, float]] = field(default_factory=list)
+    prepared: dict[str, PreparedLora] = field(default_factory=dict)  # by sha256: LoRAs made ready before the lock
 
 
 @dataclass
@@ -135,6 +137,14 @@ class Engine:
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s (%s) in %.1f s", model, self.device, self.dtype, self.load_seconds)
 
+    def prepare(self, lora: LoraFile) -> PreparedLora | None:
+        """`lora` read, verified, parsed and preflighted for this pipeline, without the lock (see
+        `inference.prepared`), so that the lock covers only its injection; None when it is resident
+        already (the common case: nothing to read)."""
+        if self.adapters.is_resident(lora.sha256):
+            return None
+        return prepare(self.txt2img, lora, pin_memory=self.device.type == "cuda")
+
     @property
     def default_size(self) -> int:
         return self.txt2img.default_sample_size * self.txt2img.vae_scale_factor
@@ -149,7 +159,8 @@ class Engine:
             raise timed_out(deadline, "while waiting for the pipeline")
         try:
             started = time.perf_counter()
-            sources = self.adapters.activate(job.loras)
+            sources = self.adapters.activate(job.loras, job.prepared)
+            job.prepared = {}  # consumed: injected (or copied in place), the read buffers can go
             job = replace(job, prompt=self.adapters.prompt_for(job.prompt, [lora for lora, _ in job.loras]))
             adapter_done = time.perf_counter()
             images = [self._one_image(job, job.seed + i, stop) for i in range(job.num_images)]

@@ -20,20 +20,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
-from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, ImageOut, LoraOut, ModelOut, Timings
+from sdxl_lora_client.contract import (GenerateRequest, GenerateResponse, ImageOut, LoraOut, LoraSpec, ModelOut,
+                                       PrefetchLora, PrefetchOutcome, PrefetchRequest, PrefetchResponse, Timings)
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, ServiceError
 from inference.fetch import FetchError, fetch_to_file, make_s3_client
 from inference.images import MIME, decode_image, encode_image
 from inference.integrity import CorruptEntry
 from inference.lora_store import LoraFile, LoraStore
-from inference.pipeline import Engine, GenerationJob
+from inference.pipeline import Engine, GenerationJob, GenerationResult
+from inference.prepared import PreparedLora
 from inference.settings import Settings, fallback_lora_cache_dir
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
+Ready = tuple[LoraFile, PreparedLora | None]  # a fetched LoRA, and its preparation unless it was resident
+T = TypeVar("T")
 RUNPOD_HF_CACHE = Path("/runpod-volume/huggingface-cache/hub")
 
 
@@ -58,6 +63,8 @@ class InferenceService:
         self.store = store or self._open_store()
         self.engine = engine
         self._fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fetch")
+        # Prefetches in threads of their own: a batch of them never delays a request's LoRAs.
+        self._prefetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefetch")
         self.scorer = None  # IdentityScorer once SDXL_LORA_IDENTITY_MODEL has loaded
         self.identity = "off" if not settings.identity_model else "not loaded"
         self._s3 = None
@@ -154,10 +161,10 @@ class InferenceService:
         if request.output.delivery == "url" and not self.settings.s3_bucket:
             raise ServiceError(ErrorCode.INVALID_REQUEST, "delivery 'url' needs SDXL_LORA_S3_BUCKET on the service")
 
-        progress("fetch")
+        progress("fetch")  # and each LoRA made ready for the pipeline, in the fetch threads, before the lock
         lora_futures = self._start_fetches(request)
         reference = self.load_reference(request.image, deadline) if request.image else None
-        lora_files = self._wait_for_fetches(lora_futures, deadline)
+        ready = self._wait_for_fetches(lora_futures, deadline)
         fetched = time.perf_counter()
 
         progress("generate")
@@ -167,9 +174,11 @@ class InferenceService:
             width=request.width, height=request.height, num_inference_steps=request.num_inference_steps,
             guidance_scale=request.guidance_scale, seed=seed, num_images=request.num_images,
             image=reference, strength=request.strength,
-            loras=[(f, spec.scale) for f, spec in zip(lora_files, request.loras)],
         )
-        result, lora_files = self._generate_from_the_cache(engine, job, request, deadline, cancel)
+        _put_loras(job, request, ready)
+        del ready  # the prepared tensors now only in `job`, which the engine lets go of once they are injected
+        result = self._generate_from_the_cache(engine, job, request, deadline, cancel)
+        lora_files = [lora for lora, _ in job.loras]
         _check(deadline, "before encoding the images")
 
         scores: list[float | None] = [None] * len(result.images)
@@ -207,14 +216,47 @@ class InferenceService:
             ),
         )
 
+    def prefetch(self, request: PrefetchRequest, deadline: Deadline | None = None) -> PrefetchResponse:
+        """Put each LoRA into the disk cache, side by side, as a generate request would fetch it (same
+        URL rules, caps, verification and deadline), without generating: a LoRA whose training just
+        completed, so that its first request reads it from disk. One outcome per LoRA; one that fails
+        says why and never stops the others."""
+        deadline = deadline or Deadline(self.settings.request_timeout_s)
+        futures = [self._prefetch_pool.submit(self._fetch_ready, spec) for spec in request.loras]
+        return PrefetchResponse(loras=[self._prefetch_outcome(spec, future, deadline)
+                                       for spec, future in zip(request.loras, futures)])
+
+    def _prefetch_outcome(self, spec: PrefetchLora, future: Future, deadline: Deadline) -> PrefetchOutcome:
+        expected = spec.sha256.lower() if spec.sha256 else None
+        try:
+            [(lora, _)] = self._wait_for_fetches([future], deadline)
+        except ServiceError as exc:
+            return PrefetchOutcome(id=spec.id, sha256=expected, status="failed", code=exc.code, message=exc.message)
+        except Exception as exc:  # one LoRA's unexpected failure is its own outcome, never the others'
+            log.exception("prefetch of %r failed unexpectedly", spec.id)
+            return PrefetchOutcome(id=spec.id, sha256=expected, status="failed", code=ErrorCode.INTERNAL,
+                                   message=f"internal error ({type(exc).__name__})")
+        return PrefetchOutcome(id=spec.id, sha256=lora.sha256, status="cached")
+
     def _start_fetches(self, request: GenerateRequest) -> list[Future]:
-        """The request's LoRAs fetched side by side (from the disk cache, or downloaded into it)."""
-        return [self._fetch_pool.submit(self.store.fetch, spec.id, spec.url, spec.sha256) for spec in request.loras]
+        """The request's LoRAs fetched and made ready side by side (`_fetch_ready`)."""
+        return [self._fetch_pool.submit(self._fetch_ready, spec) for spec in request.loras]
+
+    def _fetch_ready(self, spec: LoraSpec | PrefetchLora) -> Ready:
+        """In a fetch thread: the LoRA from the disk cache (or downloaded into it), then, once the
+        pipeline is loaded, read, verified, parsed and preflighted for it unless it is resident
+        already (`Engine.prepare`): all of it beside other requests' denoising, never under the
+        pipeline lock."""
+        def fetch_and_prepare() -> Ready:
+            lora = self.store.fetch(spec.id, spec.url, spec.sha256)
+            return lora, self.engine.prepare(lora) if self.engine is not None else None
+
+        return self._repairing(fetch_and_prepare)
 
     @staticmethod
-    def _wait_for_fetches(futures: list[Future], deadline: Deadline) -> list[LoraFile]:
-        """The LoRA files, or `timeout` once the deadline passes. A download still under way goes on
-        (to its own deadline) and lands in the cache, so a retry finds it there."""
+    def _wait_for_fetches(futures: list[Future], deadline: Deadline) -> list[Ready]:
+        """Each LoRA's file and preparation, or `timeout` once the deadline passes. A download still
+        under way goes on (to its own deadline) and lands in the cache, so a retry finds it there."""
         try:
             return [future.result(timeout=max(0.0, deadline.remaining())) for future in futures]
         except FutureTimeout:
@@ -222,38 +264,49 @@ class InferenceService:
                                       "cache for a retry") from None
 
     def _generate_from_the_cache(self, engine: Engine, job: GenerationJob, request: GenerateRequest,
-                                 deadline: Deadline, cancel: threading.Event | None):
-        """engine.generate, repairing the disk cache on the way: a file that is not what its sha256
-        says (or that another worker sharing the cache evicted meanwhile) is fetched again once, and
-        the request answered as a fresh download; a file the pipeline refuses is dropped from it."""
+                                 deadline: Deadline, cancel: threading.Event | None) -> GenerationResult:
+        """engine.generate through `_repairing`: a LoRA that was resident when its request was fetched
+        but has left the pipeline since is prepared under the lock, and may be found damaged there;
+        then the request's LoRAs are fetched (and prepared) again, once."""
+        attempts = 0
+
+        def attempt() -> GenerationResult:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1:
+                _put_loras(job, request, self._wait_for_fetches(self._start_fetches(request), deadline))
+            result = engine.generate(job, deadline, cancel)
+            with self._rendered_lock:
+                self.images_rendered += len(result.images)
+            return result
+
+        return self._repairing(attempt)
+
+    def _repairing(self, attempt: Callable[[], T]) -> T:
+        """`attempt()`, repairing the disk cache on the way: a file that is not what its sha256 says
+        (or that another worker sharing the cache evicted meanwhile) is evicted and `attempt` run
+        again, once, its file now a fresh download; a file the pipeline refuses leaves the cache (it
+        would be refused again, and would hold cache room meanwhile)."""
         try:
-            return self._generate_dropping_refused(engine, job, deadline, cancel), [lora for lora, _ in job.loras]
+            return self._dropping_refused(attempt)
         except CorruptEntry as exc:
             log.warning("%s; evicting it and fetching %r again", exc, exc.lora.lora_id)
             self.store.discard(exc.lora)
         except FileNotFoundError:
             log.info("a LoRA file left the shared cache before it was loaded; fetching it again")
-        lora_files = self._wait_for_fetches(self._start_fetches(request), deadline)
-        job.loras = [(f, spec.scale) for f, spec in zip(lora_files, request.loras)]
         try:
-            return self._generate_dropping_refused(engine, job, deadline, cancel), lora_files
+            return self._dropping_refused(attempt)
         except (CorruptEntry, FileNotFoundError) as exc:
             raise ServiceError(ErrorCode.LORA_DOWNLOAD_FAILED, "the LoRA changed or left the cache again while "
                                "it was loaded (a cache shared with a misbehaving writer, or too small?)") from exc
 
-    def _generate_dropping_refused(self, engine: Engine, job: GenerationJob, deadline: Deadline,
-                                   cancel: threading.Event | None):
-        """engine.generate; a LoRA file the pipeline refuses leaves the disk cache (it would be refused
-        again, and would hold cache room meanwhile)."""
+    def _dropping_refused(self, attempt: Callable[[], T]) -> T:
         try:
-            result = engine.generate(job, deadline, cancel)
+            return attempt()
         except ServiceError as exc:
             if exc.lora is not None and exc.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE):
                 self.store.discard(exc.lora)
             raise
-        with self._rendered_lock:
-            self.images_rendered += len(result.images)
-        return result
 
     # -- reference images and uploads ---------------------------------------------------------
 
@@ -306,6 +359,12 @@ class InferenceService:
         if self.engine is None:
             raise ServiceError(ErrorCode.BUSY, "the pipeline is still loading")
         return self.engine
+
+
+def _put_loras(job: GenerationJob, request: GenerateRequest, ready: list[Ready]) -> None:
+    """The request's LoRAs into `job`, at their scales, with what was prepared of them."""
+    job.loras = [(lora, spec.scale) for (lora, _), spec in zip(ready, request.loras)]
+    job.prepared = {lora.sha256: prepared for lora, prepared in ready if prepared is not None}
 
 
 def _check(deadline: Deadline, where: str) -> None:

@@ -109,15 +109,21 @@ def test_every_generated_request_gets_a_documented_answer(api_schema, api_base, 
               suppress_health_check=list(HealthCheck))
     @given(api_schema.as_strategy(generation_mode=GenerationMode(mode)))
     def check(case):
-        generate = case.path == "/v1/generate"
+        generate, prefetch = case.path == "/v1/generate", case.path == "/v1/loras/prefetch"
         # A schema-valid generate request may still fail on what the schema cannot know (the LoRA or
         # image behind a URL): checked below, more strictly than schemathesis' own acceptance check.
         headers = {"Authorization": f"Bearer {API_KEY}"}
         if generate and mode == "positive":  # a generated key seen before with another body is rightly refused
             headers["Idempotency-Key"] = uuid.uuid4().hex
         response = case.call_and_validate(headers=headers, timeout=120,
-                                          excluded_checks=[positive_data_acceptance] if generate else None)
+                                          excluded_checks=[positive_data_acceptance] if generate or prefetch else None)
         API_CASES[f"{mode} {case.method} {case.path} {response.status_code}"] += 1
+        if prefetch and mode == "positive":  # every URL here is refused: each LoRA its own `failed` outcome
+            if response.status_code == 200:
+                assert {o["status"] for o in response.json()["loras"]} <= {"failed"}, response.text[:500]
+            else:
+                assert (response.status_code, response.json()["error"]["code"]) == (422, "invalid_request")
+                assert rule_beyond_the_schema(case.body), response.text[:500]
         if generate and response.status_code != 200:
             assert response.json()["error"]["code"] in {code.value for code in ErrorCode}
         if generate and mode == "positive" and response.status_code != 200:
@@ -152,6 +158,9 @@ def rule_beyond_the_schema(body) -> list[str]:
     ids = [lora.get("id") for lora in body.get("loras") or [] if isinstance(lora, dict)]
     if len(ids) != len(set(map(str, ids))):
         fields.append("each LoRA id may appear once per request")
+    urls = [lora.get("url") for lora in body.get("loras") or [] if isinstance(lora, dict)]
+    if any(isinstance(url, str) and "\x85" in url for url in urls):  # whitespace to pydantic's \s, not to ECMA's
+        fields.append("String should match pattern")
     if fields:
         return fields
     if (body.get("width") is None) != (body.get("height") is None):

@@ -1,10 +1,13 @@
 """Adapter switching vs. the per-request reload baseline, on one pipeline, variants interleaved.
 
 naive_reload   unload_lora_weights() + load_lora_weights(file) per request (cog-sdxl-style workers)
-cold_load      our path for a LoRA not yet resident while the cache has room (preflight + inject + activate)
-hotswap        the same when the cache is full (the steady state): its weights are copied into the least
-               recently used adapter's layers instead of injecting new ones
+cold_load      our path for a LoRA not yet resident while the cache has room, end to end: prepared (read,
+               verified, parsed, preflighted) before the pipeline lock, then injected and activated
+cold_locked    the part of cold_load that holds the pipeline lock (injection + activation)
+hotswap        cold_load when the cache is full (the steady state): its weights are copied into the least
+               recently used adapter's layers instead of injecting new ones; hotswap_locked its locked part
 resident_switch our path when the LoRA is resident (activation only), adapters unfused
+switch_ms_by_resident  resident_switch with 2, 8 and 16 adapters resident (flat: the same for each)
 fused_switch   the same with fusing on (the CUDA default): copy the base weights back, merge the new LoRA
 base/lora_generate  one generation without LoRA / with one resident LoRA active, unfused
 fused_generate the same generation with the LoRA merged into the weights
@@ -15,7 +18,8 @@ from __future__ import annotations
 import argparse
 import itertools
 
-from sdxl_lora_tools.bench.common import BENCH_CACHE, Samples, emit_json, lora_files, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import (BENCH_CACHE, RESIDENT_COUNTS, Samples, cold_load, emit_json, lora_files,
+                                          machine, print_table, switch_ms_by_resident, synthetic_model)
 
 
 def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, steps: int = 2,
@@ -26,13 +30,18 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
     model = synthetic_model(size)
     engine = Engine(str(model), device=device, max_resident_adapters=loras - 1, fuse_adapters=False)
     pipe = engine.txt2img
-    paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", loras, rank)
+    paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", max(loras, *RESIDENT_COUNTS), rank)
     store = LoraStore(BENCH_CACHE / f"store-{size}", max_cache_bytes=1 << 40, max_lora_bytes=1 << 33,
                       allow_local_paths=True)
     files = [store.fetch(p.stem, str(p)) for p in paths]
     resolution = resolution or (64 if size == "tiny" else 512)
     job = GenerationJob(prompt="a portrait photo of a character", num_inference_steps=steps,
                         width=resolution, height=resolution, seed=0)
+
+    def cold(total_name: str, locked_name: str, lora) -> None:
+        total_ms, locked_ms = cold_load(engine, lora)
+        samples.add(total_name, total_ms)
+        samples.add(locked_name, locked_ms)
 
     def naive(path):
         pipe.unload_lora_weights()
@@ -52,13 +61,13 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         pipe.unload_lora_weights()
         # ours, LoRA not resident (file on disk), cache has room
         engine.adapters.clear()
-        samples.time("cold_load_ms", lambda: engine.adapters.activate([(files[i], 1.0)]))
+        cold("cold_load_ms", "cold_locked_ms", files[i])
         # ours, cache full of the others: the new one is hot-swapped into the LRU adapter
         engine.adapters.clear()
-        others = [f for f in files if f is not files[i]]
+        others = [f for f in files[:loras] if f is not files[i]]
         for f in others:
             engine.adapters.activate([(f, 1.0)])
-        samples.time("hotswap_ms", lambda: engine.adapters.activate([(files[i], 1.0)]))
+        cold("hotswap_ms", "hotswap_locked_ms", files[i])
         # ours, resident: switch from the one just made active to another resident one
         target = others[-1]
         samples.time("resident_switch_ms", lambda: engine.adapters.activate([(target, 1.0)]))
@@ -73,8 +82,11 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         engine.adapters.set_fuse(False)
         job.loras = []
 
+    by_resident = switch_ms_by_resident(engine, files, repeats)
     result = {name: samples.median(name) for name in samples.values}
     result.update(
+        switch_ms_by_resident=by_resident, switch_spread=max(by_resident.values()) / min(by_resident.values()),
+        cold_locked_over_naive=result["cold_locked_ms"] / result["naive_reload_ms"],
         hotswap_over_naive=result["hotswap_ms"] / result["naive_reload_ms"],
         resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
         cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
@@ -89,7 +101,10 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         print_table(f"adapters: {size} synthetic SDXL, rank {rank}, {loras} LoRAs, {repeats} interleaved repeats, "
                     f"{steps} steps at {resolution}px; {result['machine']}",
                     [samples.row(n) for n in samples.values], ("variant", "median ms", "min", "max", "n"))
+        print("switch ms by adapters resident: " + ", ".join(f"{n}: {ms:.1f}" for n, ms in by_resident.items())
+              + f" (max/min {result['switch_spread']:.2f})")
         print(f"resident/naive {result['resident_over_naive']:.4f}  cold/naive {result['cold_over_naive']:.3f}  "
+              f"cold locked/naive {result['cold_locked_over_naive']:.3f}  "
               f"hotswap/naive {result['hotswap_over_naive']:.3f}  "
               f"lora/base generate {result['lora_over_base']:.3f}  fused/base {result['fused_over_base']:.3f}")
     return result

@@ -71,6 +71,9 @@ class Samples:
 
     values: dict[str, list[float]] = field(default_factory=dict)
 
+    def add(self, name: str, ms: float) -> None:
+        self.values.setdefault(name, []).append(ms)
+
     def time(self, name: str, fn: Callable[[], object]) -> object:
         started = time.perf_counter()
         result = fn()
@@ -83,6 +86,52 @@ class Samples:
     def row(self, name: str) -> tuple[str, float, float, float, int]:
         v = self.values[name]
         return name, statistics.median(v), min(v), max(v), len(v)
+
+
+RESIDENT_COUNTS = (2, 8, 16)  # switch_ms_by_resident: adapters resident while switching
+
+
+def no_sync() -> None:
+    """What a timing waits for before reading the clock on the CPU: nothing (CUDA: synchronize)."""
+
+
+def cold_load(engine, lora, sync: Callable[[], None] = no_sync) -> tuple[float, float]:
+    """(end-to-end ms, pipeline-lock ms) of making a LoRA that is on disk but not resident active, as
+    a request does: prepared (read, verified, parsed, preflighted) before the lock, in the fetch
+    threads; injected or copied in place and activated under it."""
+    sync()
+    started = time.perf_counter()
+    prepared = engine.prepare(lora)
+    locked = time.perf_counter()
+    engine.adapters.activate([(lora, 1.0)], {lora.sha256: prepared})
+    sync()
+    done = time.perf_counter()
+    return (done - started) * 1e3, (done - locked) * 1e3
+
+
+def switch_ms_by_resident(engine, files: list, repeats: int, sync: Callable[[], None] = no_sync) -> dict[int, float]:
+    """Median ms of a switch between two resident adapters while 2, 8, 16 adapters are resident
+    (`files` holds at least 16 LoRAs); the cache is emptied first and left with its cap as it was."""
+    adapters, cap = engine.adapters, engine.adapters.max_resident
+    adapters.clear()
+    adapters.max_resident = max(RESIDENT_COUNTS)
+    medians = {}
+    try:
+        for count in RESIDENT_COUNTS:
+            for lora in files[len(adapters.resident()):count]:
+                adapters.activate([(lora, 1.0)])
+            times = []
+            for i in range(2 * repeats):
+                sync()
+                started = time.perf_counter()
+                adapters.activate([(files[i % 2], 1.0)])
+                sync()
+                times.append((time.perf_counter() - started) * 1e3)
+            medians[count] = statistics.median(times)
+    finally:
+        adapters.clear()
+        adapters.max_resident = cap
+    return medians
 
 
 def print_table(title: str, rows: list[tuple], headers: tuple[str, ...]) -> None:

@@ -2,7 +2,8 @@
 
 Latency without and with a resident rank-32 LoRA (unfused PEFT layers, and merged into the
 weights as the service runs on CUDA), adapter cold-load (cache with room: injection; cache full:
-hotswap into the LRU adapter's layers) / resident switch (unfused and fused) / naive reload, time
+hotswap into the LRU adapter's layers; end to end, and the part that holds the pipeline lock) /
+resident switch (unfused and fused; with 2, 8 and 16 adapters resident) / naive reload, time
 from process start to a loaded pipeline, peak GPU memory, and the latency against a FLOP floor:
 the FLOPs of one generation counted with torch's FlopCounterMode, divided by the matrix rate
 measured on this device.
@@ -22,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from sdxl_lora_tools.bench.common import BENCH_CACHE, emit_json, lora_files, machine, print_table, synthetic_model
+from sdxl_lora_tools.bench.common import (BENCH_CACHE, RESIDENT_COUNTS, cold_load, emit_json, lora_files, machine,
+                                          print_table, switch_ms_by_resident, synthetic_model)
 
 LORAS = 4  # one more than the resident slots: the last one is hot-swapped into a full cache
 SLOTS = 3
@@ -95,7 +97,7 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
     startup_s = seconds_to_ready(model, device, dtype)
     engine = Engine(str(model), device=device, dtype=dtype, max_resident_adapters=SLOTS, fuse_adapters=False)
     pipe = engine.txt2img
-    paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", LORAS, rank)
+    paths = lora_files(pipe, BENCH_CACHE / f"loras-{size}", max(LORAS, *RESIDENT_COUNTS), rank)
     store = LoraStore(BENCH_CACHE / f"store-{size}", max_cache_bytes=1 << 40, max_lora_bytes=1 << 33,
                       allow_local_paths=True)
     files = [store.fetch(p.stem, str(p)) for p in paths]
@@ -115,13 +117,18 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
     def sample(name: str, fn) -> None:
         samples.setdefault(name, []).append(timed(fn))
 
+    def cold(total_name: str, locked_name: str, lora) -> None:
+        total_ms, locked_ms = cold_load(engine, lora, lambda: synchronize(device))
+        samples.setdefault(total_name, []).append(total_ms)
+        samples.setdefault(locked_name, []).append(locked_ms)
+
     for i in range(repeats):
         engine.adapters.clear()
-        sample("cold_load_ms", lambda: engine.adapters.activate([(files[i % SLOTS], 1.0)]))
+        cold("cold_load_ms", "cold_locked_ms", files[i % SLOTS])
         for f in files[:SLOTS]:
             engine.adapters.activate([(f, 1.0)])
         sample("resident_switch_ms", lambda: engine.adapters.activate([(files[(i + 1) % SLOTS], 1.0)]))
-        sample("hotswap_ms", lambda: engine.adapters.activate([(files[SLOTS], 1.0)]))  # full: into the LRU's layers
+        cold("hotswap_ms", "hotswap_locked_ms", files[SLOTS])  # full: into the LRU's layers
         engine.adapters.clear()
         pipe.load_lora_weights(str(paths[0].parent), weight_name=paths[0].name, adapter_name="naive")
 
@@ -145,6 +152,7 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
         sample("fused_generate_ms", lambda: engine.generate(job))
         engine.adapters.set_fuse(False)
     job.loras = []
+    by_resident = switch_ms_by_resident(engine, files, repeats, lambda: synchronize(device))
     flops = count_flops(engine, job)
     rate = matmul_tflops(device, resolve_dtype(dtype, torch.device(device)), 8192 if device == "cuda" else 512)
     floor_ms = flops / (rate * 1e12) * 1e3
@@ -157,6 +165,8 @@ def run(steps: int = 30, resolution: int = 1024, rank: int = 32, repeats: int = 
         fused_over_base=result["fused_generate_ms"] / result["base_generate_ms"],
         resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
         cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
+        cold_locked_over_naive=result["cold_locked_ms"] / result["naive_reload_ms"],
+        switch_ms_by_resident=by_resident, switch_spread=max(by_resident.values()) / min(by_resident.values()),
         hotswap_over_naive=result["hotswap_ms"] / result["naive_reload_ms"],
         machine=machine(), dtype=dtype, steps=steps, resolution=resolution, rank=rank, repeats=repeats, dry=dry,
         spread={n: [min(v), max(v)] for n, v in samples.items()},

@@ -1,0 +1,141 @@
+"""Prefetch: LoRAs put into the disk cache when their training completes, so a job's first request
+never waits for a download. Over real HTTP on loopback and as a RunPod job, with a local file server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import httpx
+import pytest
+
+from api.app import create_app
+from handler.worker import make_handler
+from inference.deadline import Deadline
+from inference.service import InferenceService
+from inference.settings import Settings
+from sdxl_lora_client.contract import PrefetchRequest
+from tests.fakes import LiveServer, wait_ready
+from tests.servers import FileServer, stall
+from tests.test_api import API_KEY, post
+
+STALL_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory, make_lora):
+    root = tmp_path_factory.mktemp("served")
+    for name, seed in (("a", 1), ("b", 2), ("c", 3), ("stalled", 4)):
+        (root / f"{name}.safetensors").write_bytes(make_lora(seed=seed).read_bytes())
+    (root / "garbage.safetensors").write_bytes(b"\x00garbage" * 100)
+    with FileServer(root) as server:
+        server.behave["/stalled.safetensors"] = stall(STALL_S)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory, tiny_model):
+    settings = Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path_factory.mktemp("cache"),
+                        allow_private_urls=True, api_key=API_KEY, max_resident_adapters=2)
+    with LiveServer(create_app(settings)) as base:
+        wait_ready(base)
+        yield base
+
+
+def prefetch(base: str, loras: list[dict], key: str | None = API_KEY) -> httpx.Response:
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{base}/v1/loras/prefetch", json={"loras": loras}, headers=headers, timeout=120)
+
+
+def sha256_of(server: FileServer, name: str) -> str:
+    return hashlib.sha256((server.root / name).read_bytes()).hexdigest()
+
+
+def test_a_failed_lora_is_failed_with_its_code_while_the_others_cache(app_url, lora_server):
+    response = prefetch(app_url, [
+        {"id": "pre-a", "url": lora_server.url("a.safetensors")},
+        {"id": "missing", "url": lora_server.url("missing.safetensors")},
+        {"id": "garbage", "url": lora_server.url("garbage.safetensors")},
+        {"id": "pre-b", "url": lora_server.url("b.safetensors"), "sha256": sha256_of(lora_server, "b.safetensors")},
+        {"id": "wrong-sha", "url": lora_server.url("c.safetensors"), "sha256": "0" * 64},
+    ])
+    assert response.status_code == 200, response.text
+    outcomes = response.json()["loras"]
+    assert [(o["id"], o["status"], o.get("code")) for o in outcomes] == [
+        ("pre-a", "cached", None), ("missing", "failed", "lora_download_failed"), ("garbage", "failed", "lora_invalid"),
+        ("pre-b", "cached", None), ("wrong-sha", "failed", "lora_invalid")]
+    assert outcomes[0]["sha256"] == sha256_of(lora_server, "a.safetensors")
+    assert all(o["message"] for o in outcomes if o["status"] == "failed")
+    disk = httpx.get(f"{app_url}/v1/adapters", headers={"authorization": f"Bearer {API_KEY}"}).json()["disk"]
+    assert sorted(entry["id"] for entry in disk) == ["pre-a", "pre-b"]
+
+
+def test_the_first_generate_after_a_prefetch_reads_the_file_from_disk(app_url, lora_server):
+    lora = {"id": "first-gen", "url": lora_server.url("c.safetensors")}
+    assert prefetch(app_url, [lora]).json()["loras"][0]["status"] == "cached"
+    hits = lora_server.hits["/c.safetensors"]
+    body = {"prompt": "a character portrait", "num_inference_steps": 2, "width": 64, "height": 64, "seed": 3,
+            "loras": [lora]}
+    response = post(app_url, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["loras"][0]["source"] == "disk"
+    assert lora_server.hits["/c.safetensors"] == hits, "not downloaded again"
+    again = prefetch(app_url, [lora]).json()["loras"][0]
+    assert again["status"] == "cached" and lora_server.hits["/c.safetensors"] == hits, "a cached LoRA is a hit"
+
+
+def test_prefetch_takes_the_same_auth_and_validation_as_generate(app_url, lora_server):
+    lora = {"id": "x", "url": lora_server.url("a.safetensors")}
+    for key in (None, "wrong"):
+        response = prefetch(app_url, [lora], key=key)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+    for loras in ([], [lora] * 2, [{**lora, "id": f"x{i}"} for i in range(17)], [{**lora, "url": "file:///etc/passwd"}],
+                  [{**lora, "scale": 1.0}]):
+        response = prefetch(app_url, loras)
+        assert response.status_code == 422 and response.json()["error"]["code"] == "invalid_request", loras
+
+
+@pytest.fixture
+def bare_service(tmp_path, tiny_model):
+    """A service whose pipeline is not loaded: prefetch needs only the disk cache."""
+    def make(**settings) -> InferenceService:
+        return InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache",
+                                         **settings))
+    return make
+
+
+def request(*loras: dict) -> PrefetchRequest:
+    return PrefetchRequest.model_validate({"loras": list(loras)})
+
+
+def test_a_loopback_url_is_refused_when_private_urls_are_off(bare_service, lora_server):
+    service = bare_service(allow_private_urls=False)
+    hits = lora_server.hits["/a.safetensors"]
+    [outcome] = service.prefetch(request({"id": "a", "url": lora_server.url("a.safetensors")})).loras
+    assert (outcome.status, outcome.code.value) == ("failed", "lora_download_failed")
+    assert "private" in outcome.message or "not allowed" in outcome.message, outcome.message
+    assert lora_server.hits["/a.safetensors"] == hits, "never dialled"
+    assert service.store.entries() == []
+
+
+def test_a_download_past_the_deadline_is_timeout_and_the_others_still_cache(bare_service, lora_server):
+    service = bare_service(allow_private_urls=True, download_timeout_s=6.0)  # the stalled download ends soon after
+    response = service.prefetch(request({"id": "slow", "url": lora_server.url("stalled.safetensors")},
+                                        {"id": "a", "url": lora_server.url("a.safetensors")}), Deadline(2.0))
+    assert [(o.id, o.status, o.code and o.code.value) for o in response.loras] == [
+        ("slow", "failed", "timeout"), ("a", "cached", None)]
+    assert [entry.lora_id for entry in service.store.entries()] == ["a"]
+
+
+def test_the_runpod_prefetch_job_answers_the_same_object(bare_service, lora_server):
+    handler = make_handler(bare_service(allow_private_urls=True))
+    output = handler({"id": "job", "input": {"prefetch": {"loras": [
+        {"id": "a", "url": lora_server.url("a.safetensors")},
+        {"id": "missing", "url": lora_server.url("missing.safetensors")}]}}})
+    assert output == {"loras": [
+        {"id": "a", "sha256": sha256_of(lora_server, "a.safetensors"), "status": "cached"},
+        {"id": "missing", "status": "failed", "code": "lora_download_failed",
+         "message": output["loras"][1]["message"]}]}
+    for bad in ({"prefetch": {"loras": []}}, {"prefetch": None}, {"prefetch": {"loras": []}, "prompt": "x"}):
+        result = handler({"id": "job", "input": bad})
+        assert json.loads(result["error"])["code"] == "invalid_request", bad
