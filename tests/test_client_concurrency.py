@@ -86,10 +86,10 @@ class Sleeps(list):
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_each_clip_retries_and_falls_back_on_its_own(store, kind):
-    backend = ScriptedBackend({REF.format(1): ["busy", "out_of_memory"], REF.format(2): ["image_invalid"]})
+    backend = ScriptedBackend({REF.format(1): ["busy:2", "out_of_memory"], REF.format(2): ["image_invalid"]})
     sleeps = Sleeps()
-    result = apply(kind, store, backend, "job", clips(4), sleep=sleeps)
-    assert sorted(sleeps) == [2.0, 4.0], "only c1 waited: two retryable failures, then success"
+    result = apply(kind, store, backend, "job", clips(4), sleep=sleeps, jitter=lambda: 0.5)
+    assert sorted(sleeps) == [2.0, 3.0], "only c1 waited: Retry-After 2 s + half of it, then the schedule's first 2 s"
     assert backend.attempts == {REF.format(0): 1, REF.format(1): 3, REF.format(2): 1, REF.format(3): 1}
     assert result.path == "preprocessed"
     enhanced = [c.character_reference_urls[0].startswith("data:") for c in result.clips]

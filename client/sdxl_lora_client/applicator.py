@@ -20,7 +20,9 @@ import inspect
 import json
 import logging
 import os
+import random
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
@@ -28,11 +30,14 @@ from functools import partial
 from typing import Any, Literal, TypeVar
 
 from sdxl_lora_client.compat import VideoModel, direct_model, load_matrix
-from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse, ImageOut, LoraSpec, OutputSpec
+from sdxl_lora_client.contract import (
+    ErrorCode, GenerateRequest, GenerateResponse, ImageOut, LoraSpec, OutputSpec, PrefetchLora, PrefetchRequest,
+)
 from sdxl_lora_client.errors import BackendError, ClientCode, LedgerError, ReplicateError
 from sdxl_lora_client.ledger import LedgerCalls
-from sdxl_lora_client.outcomes import ApplyResult, ClipOutcome, ClipPrompt, Path
+from sdxl_lora_client.outcomes import ApplyResult, ClipOutcome, ClipPrompt, Path, PrefetchResult
 from sdxl_lora_client.replicate import TOKEN_ENV, ReplicateClient
+from sdxl_lora_client.sharing import shared
 from sdxl_lora_client.store import Charge, LoraRecord, SqlStore, money
 
 __all__ = ["ApplyResult", "AsyncLoraApplicator", "ClipPrompt", "EnhanceOptions", "LoraApplicator", "Pricing",
@@ -50,6 +55,10 @@ CLIP_OWN_CODES = frozenset({ErrorCode.IMAGE_INVALID})
 NOT_CONTAGIOUS = CLIP_OWN_CODES | {ErrorCode.BUSY, ClientCode.DEADLINE_EXCEEDED}
 DEFAULT_JOB_DEADLINE_S = 900.0
 DEFAULT_LEDGER_WAIT_S = 30.0
+# Requests in flight across every job of one applicator (README: `sdxl-lora bench jobs`).
+DEFAULT_MAX_IN_FLIGHT = 8
+# A busy answer without a Retry-After waits this long (plus jitter).
+DEFAULT_RETRY_AFTER_S = 1.0
 
 
 @dataclass
@@ -92,17 +101,24 @@ class _Applicator:
     `RunPodBackend`, or anything with `generate`/`agenerate`). Replicate (direct path) uses
     `replicate`, else a client for `replicate_token` or `REPLICATE_API_TOKEN`. `retry_waits`: the
     failure schedule; `job_deadline_s` bounds one `apply()`'s LoRA work; `ledger_wait_s` how long a
-    ledger call waits for a database that is away. `sleep` (tests) replaces the waits.
+    ledger call waits for a database that is away. `max_concurrent_clips` bounds one job's clips
+    side by side, `max_in_flight` the requests in flight across all jobs of this applicator (on one
+    event loop). A `busy` answer waits its Retry-After plus a random share of it (`jitter`, a
+    function returning [0, 1)), within the job's deadline, outside the failure schedule.
+    `sleep` and `jitter` are there for tests.
     """
 
     def __init__(self, store: SqlStore, preprocessing=None, replicate_token: str | None = None, *,
                  replicate: ReplicateClient | None = None, matrix: dict[str, VideoModel] | None = None,
                  retry_waits: Sequence[float] = (2.0, 4.0, 8.0), pricing: Pricing | None = None,
                  options: EnhanceOptions | None = None, max_concurrent_clips: int = 4,
-                 job_deadline_s: float = DEFAULT_JOB_DEADLINE_S, ledger_wait_s: float = DEFAULT_LEDGER_WAIT_S,
-                 sleep: Sleep | None = None):
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, job_deadline_s: float = DEFAULT_JOB_DEADLINE_S,
+                 ledger_wait_s: float = DEFAULT_LEDGER_WAIT_S, sleep: Sleep | None = None,
+                 jitter: Callable[[], float] = random.random):
         if max_concurrent_clips < 1:
             raise ValueError("max_concurrent_clips must be at least 1")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
         token = replicate_token or os.environ.get(TOKEN_ENV)
         self.store = store
         self.preprocessing = preprocessing
@@ -112,8 +128,13 @@ class _Applicator:
         self.pricing = pricing or Pricing()
         self.options = options or EnhanceOptions()
         self.max_concurrent_clips = max_concurrent_clips
+        self.max_in_flight = max_in_flight
         self.job_deadline_s = job_deadline_s
         self.sleep: Sleep = asyncio.sleep if sleep is None else sleep
+        self.jitter = jitter
+        self._in_flight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+            weakref.WeakKeyDictionary())
+        self._in_flight_lock = threading.Lock()
         # Threads of our own for blocking calls, enough for every clip slot to wait on one (a shared
         # default executor has min(32, cores + 4) threads and would cap the concurrency).
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=max_concurrent_clips + 4,
@@ -125,9 +146,21 @@ class _Applicator:
         """A blocking call (a synchronous backend) in one of our threads, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._threads, fn, *args)
 
+    def in_flight(self) -> asyncio.Semaphore:
+        """The running loop's slots for requests in flight, shared by every job of this applicator."""
+        loop = asyncio.get_running_loop()
+        with self._in_flight_lock:
+            return self._in_flight.setdefault(loop, asyncio.Semaphore(self.max_in_flight))
+
+    def busy_wait_s(self, retry_after_s: float | None) -> float:
+        """Retry-After, plus jitter up to as much again, so jobs told the same wait do not come
+        back together."""
+        wait = DEFAULT_RETRY_AFTER_S if retry_after_s is None else retry_after_s
+        return wait * (1.0 + self.jitter())
+
     async def generate(self, request: GenerateRequest, idempotency_key: str) -> GenerateResponse:
         """The backend's coroutine when it has one, else its `generate` in a thread."""
-        kwargs = {}
+        kwargs = {"idempotency_key": idempotency_key} if self._backend_takes_key else {}
         agenerate = getattr(self.preprocessing, "agenerate", None)
         if agenerate is not None:
             return await agenerate(request, **kwargs)
@@ -152,6 +185,38 @@ class _Applicator:
         if reason:
             return _all_original(clips, ClientCode.LORA_NOT_READY, reason)
         return await _JobRun(self, job_id, record, deadline).run(clips, video_model)
+
+    async def _prefetch(self, lora_model_id: str) -> PrefetchResult:
+        try:
+            record = await self.ledger.call(self.store.get_lora, lora_model_id)
+            reason = _not_ready_reason(lora_model_id, record)
+            if reason:
+                return _prefetch_failed(lora_model_id, ClientCode.LORA_NOT_READY, reason)
+            request = PrefetchRequest(loras=[PrefetchLora(id=record.id, url=record.url, sha256=record.sha256)])
+            aprefetch = getattr(self.preprocessing, "aprefetch", None)
+            if aprefetch is not None:
+                answer = await aprefetch(request)
+            elif hasattr(self.preprocessing, "prefetch"):
+                answer = await self.blocking(self.preprocessing.prefetch, request)
+            else:
+                return _prefetch_failed(lora_model_id, ClientCode.BACKEND_UNAVAILABLE,
+                                        "the preprocessing backend cannot prefetch")
+        except LedgerError as exc:
+            return _prefetch_failed(lora_model_id, ClientCode.LEDGER_UNAVAILABLE, str(exc))
+        except BackendError as exc:
+            return _prefetch_failed(lora_model_id, exc.code, str(exc))
+        except Exception as exc:  # noqa: BLE001 - prefetching is an optimisation: it never fails the caller
+            log.exception("prefetch of LoRA %s: unexpected error", lora_model_id)
+            return _prefetch_failed(lora_model_id, ErrorCode.INTERNAL, f"unexpected {type(exc).__name__}: {exc}")
+        outcome = next((o for o in answer.loras if o.id == lora_model_id), None)
+        if outcome is None:
+            return _prefetch_failed(lora_model_id, ClientCode.INVALID_ANSWER, "the answer does not name the LoRA",
+                                    answer.loras)
+        if outcome.status != "cached":
+            return _prefetch_failed(lora_model_id, outcome.code or ErrorCode.INTERNAL, outcome.message or "",
+                                    answer.loras)
+        log.info("prefetch of LoRA %s: cached (sha256 %s)", lora_model_id, outcome.sha256)
+        return PrefetchResult(lora_model_id, True, loras=answer.loras)
 
     async def _aclose_clients(self) -> None:
         for client in (self.preprocessing, self.replicate):
@@ -185,11 +250,18 @@ class LoraApplicator(_Applicator):
               lora_model_id: str | None) -> ApplyResult:
         """Apply LoRA `lora_model_id` to the clips of `job_id` for `video_model`; never raises for
         the LoRA step (see `ApplyResult`)."""
+        return self._loop_thread().run(self._apply(job_id, clips, video_model, lora_model_id))
+
+    def prefetch(self, lora_model_id: str) -> PrefetchResult:
+        """Have the service cache the LoRA's file now (when its training completes), so a job's
+        first clip does not wait for the download. Never raises: the result says how it went."""
+        return self._loop_thread().run(self._prefetch(lora_model_id))
+
+    def _loop_thread(self) -> _LoopThread:
         with self._loop_lock:
             if self._loop is None:
                 self._loop = _LoopThread()
-            loop = self._loop
-        return loop.run(self._apply(job_id, clips, video_model, lora_model_id))
+            return self._loop
 
     def close(self) -> None:
         with self._loop_lock:
@@ -220,6 +292,11 @@ class AsyncLoraApplicator(_Applicator):
         started, and no charge is written after it."""
         return await self._apply(job_id, clips, video_model, lora_model_id)
 
+    async def prefetch(self, lora_model_id: str) -> PrefetchResult:
+        """Have the service cache the LoRA's file now (when its training completes), so a job's
+        first clip does not wait for the download. Never raises: the result says how it went."""
+        return await self._prefetch(lora_model_id)
+
     async def aclose(self) -> None:
         await self._aclose_clients()
         self._close_clients()
@@ -239,6 +316,11 @@ def _not_ready_reason(lora_id: str, record: LoraRecord | None) -> str | None:
     if not record.url:
         return f"LoRA {lora_id} has no weights URL"
     return None
+
+
+def _prefetch_failed(lora_id: str, reason: str, message: str, loras=()) -> PrefetchResult:
+    log.warning("prefetch of LoRA %s failed (%s: %s)", lora_id, reason, message)
+    return PrefetchResult(lora_id, False, str(reason), message, list(loras))
 
 
 def _all_original(clips: list[ClipPrompt], reason: str, why: str) -> ApplyResult:
@@ -402,9 +484,10 @@ class _JobRun:
             run.fall_back(reason, f"preprocessing skipped: {by}")
             return
         request = self._enhance_request(clip)
+        key = idempotency_key(self.job_id, clip.clip_id, request)
         try:
-            response = await self._generate_with_retries(run, request, idempotency_key(self.job_id, clip.clip_id,
-                                                                                       request))
+            # Another apply() of this job in this process may be sending this very request: share it.
+            response, _ = await shared(key, partial(self._generate_with_retries, run, request, key))
         except BackendError as exc:
             run.fall_back(exc.code, str(exc))
             if exc.code not in NOT_CONTAGIOUS:
@@ -428,17 +511,32 @@ class _JobRun:
         SQLAlchemy only (DESIGN.md).
         """
         waits = iter(self.a.retry_waits)
+        busy_waited = 0.0
         while True:
             run.outcome.attempts += 1
             try:
-                return await self.a.generate(request, key)
+                async with self.a.in_flight():
+                    return await self.a.generate(request, key)
             except BackendError as exc:
                 log.info("job %s: clip %s: preprocessing attempt %d failed: %s", self.job_id, run.clip.clip_id,
                          run.outcome.attempts, exc)
-                wait = next(waits, None) if exc.retryable else None
-                if wait is None:
-                    raise
+                if exc.code == ErrorCode.BUSY:
+                    wait = self.a.busy_wait_s(exc.retry_after_s)
+                    if not self._fits_deadline(wait, busy_waited + wait):
+                        raise BackendError(f"still busy, and its Retry-After ({wait:.1f} s with jitter) would pass "
+                                           f"the job's deadline: {exc}", ErrorCode.BUSY, False) from exc
+                    busy_waited += wait
+                else:
+                    wait = next(waits, None) if exc.retryable else None
+                    if wait is None:
+                        raise
                 await self.a.sleep(wait)
+
+    def _fits_deadline(self, wait_s: float, waited_s: float) -> bool:
+        """Whether waiting `wait_s` more (`waited_s` in all, for this clip) ends before the job's
+        deadline; the second test holds where `sleep` does not move the clock (tests)."""
+        loop = asyncio.get_running_loop()
+        return loop.time() + wait_s <= self.deadline and waited_s <= self.a.job_deadline_s
 
     def _identity_accepted(self, run: _ClipRun, score: float | None) -> bool:
         """False when the enhanced image scored below `min_identity_score`; no score is no veto."""
