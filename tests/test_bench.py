@@ -74,3 +74,14 @@ def test_compile_bench_finds_resident_switches_compiling_again():
     assert result["a_b_a_identical"]
     assert by_step["A again"]["new_graphs"] == 0
     assert by_step["A (resident switch)"]["new_graphs"] >= 1
+
+
+def test_jobs_bench_reports_throughput_latency_busy_and_charges():
+    from sdxl_lora_tools.bench.jobs import run
+
+    result = run(jobs=3, clips=2, in_flight=(4,), steps=2, baseline_requests=1, as_json=True)
+    assert len(result["sequential_clips_per_s"]) == 2
+    for entry in result["runs"]:
+        assert entry["outcomes"] == {"enhanced": 6} and entry["charges"] == 6
+        assert entry["ratio_to_sequential"] > 0 and entry["p95_job_s"] >= entry["p50_job_s"] > 0
+        assert entry["busy_answers"] == 0
