@@ -92,6 +92,15 @@ class FaultOnAnswer(ScriptedBackend):
         return response
 
 
+def direct_kling(ledger: SqlStore) -> dict:
+    """A matrix where kling_v21 takes LoRAs directly, and a LoRA record with weights for it."""
+    ledger.put_lora("char", status="completed", url="https://bucket.example/char.safetensors",
+                    direct_weights={"kling": "https://weights.example/kling-char.safetensors"})
+    matrix = load_matrix()
+    matrix["kling_v21"] = replace(matrix["kling_v21"], direct_lora_supported=True, lora_field="lora_weights")
+    return matrix
+
+
 def in_background(seconds: float, fn) -> threading.Thread:
     thread = threading.Thread(target=lambda: (time.sleep(seconds), fn()), daemon=True)
     thread.start()
@@ -212,10 +221,7 @@ def test_a_service_that_only_answers_garbage_leaves_the_originals(ledger, answer
 
 
 def test_html_from_replicate_on_the_direct_path_falls_back_to_preprocessing(ledger):
-    ledger.put_lora("char", status="completed", url="https://bucket.example/char.safetensors",
-                    direct_weights={"kling": "https://weights.example/kling-char.safetensors"})
-    matrix = load_matrix()
-    matrix["kling_v21"] = replace(matrix["kling_v21"], direct_lora_supported=True, lora_field="lora_weights")
+    matrix = direct_kling(ledger)
     with FakeReplicate() as fake:
         fake.script = ["html", "html"]  # the direct attempt and its one retry
         client = ReplicateClient("token", base_url=fake.url, poll_interval_s=0.01)
@@ -315,10 +321,7 @@ def test_cancelling_while_charges_wait_for_the_database_writes_nothing(postgres_
 
 
 def test_cancelling_a_direct_job_cancels_its_replicate_prediction(ledger):
-    ledger.put_lora("char", status="completed", url="https://bucket.example/char.safetensors",
-                    direct_weights={"kling": "https://weights.example/kling-char.safetensors"})
-    matrix = load_matrix()
-    matrix["kling_v21"] = replace(matrix["kling_v21"], direct_lora_supported=True, lora_field="lora_weights")
+    matrix = direct_kling(ledger)
     with FakeReplicate() as fake:
         fake.script = ["hang"]
         client = ReplicateClient("token", base_url=fake.url, poll_interval_s=0.01)

@@ -31,8 +31,8 @@ class ClipOutcome:
     `status`: "enhanced" (its first character reference replaced by `image`), "direct" (the video
     model got the LoRA) or "original" (references untouched). `reason` is None when the step did
     what it should, else an `ErrorCode` value or a `ClientCode`. `cost` is what was charged for this
-    clip (recorded or in `unrecorded_charges`); `attempts` counts the requests sent for it.
-    """
+    clip (recorded or in `unrecorded_charges`); `attempts` counts the requests this `apply()` sent
+    for it (0 when it shared the request another `apply()` of the same job sent)."""
 
     clip_id: str
     status: ClipStatus = "original"

@@ -48,7 +48,7 @@ def counting_backend(base: str):
     return Counting(base)
 
 
-def sequential_clips_per_s(base: str, reference: str, lora, options, requests: int) -> float:
+def sequential_clips_per_s(base: str, reference: str, lora: dict, options, requests: int) -> float:
     """The service alone: `requests` img2img requests like the applicator's, one after the other."""
     from sdxl_lora_client import GenerateRequest, ServiceBackend
 
@@ -100,7 +100,6 @@ def run(jobs: int = 20, clips: int = 5, in_flight: tuple[int, ...] = (8,), steps
     from inference.synthetic import write_lora
     from PIL import Image
     from sdxl_lora_client import EnhanceOptions, SqlStore
-    from sdxl_lora_client.contract import LoraSpec
     from sdxl_lora_tools.local_servers import LocalFileServer, LocalServer
 
     work = Path(tempfile.mkdtemp(prefix="bench-jobs-"))
@@ -117,7 +116,7 @@ def run(jobs: int = 20, clips: int = 5, in_flight: tuple[int, ...] = (8,), steps
     with LocalFileServer(files) as files_url, LocalServer(create_app(settings), wait_ready=True) as base:
         reference = f"{files_url}/ref.png"
         store.put_lora("char", status="completed", url=f"{files_url}/char.safetensors", trigger="<s0>")
-        lora = LoraSpec(id="char", url=f"{files_url}/char.safetensors")
+        lora = {"id": "char", "url": f"{files_url}/char.safetensors"}
         sequential_clips_per_s(base, reference, lora, options, 2)  # warm-up: download, inject
         # The baseline before and after each run (the machine's load drifts): each run against their mean.
         baselines = [sequential_clips_per_s(base, reference, lora, options, baseline_requests)]
