@@ -147,3 +147,27 @@ def test_the_service_codes_and_client_codes_are_outcome_reasons(store):
         result = applicator.apply("job", clips(2), "kling_v21", "char")
     assert [o.reason for o in result.outcomes] == [ErrorCode.LORA_INVALID, ErrorCode.LORA_INVALID]
     assert backend.attempts == {REF.format(0): 1}, "not retried, and the job's other clip does not pay for it again"
+
+
+def test_a_cancelled_runpod_request_cancels_its_runpod_job():
+    seen: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if request.url.path.startswith("/cancel/"):
+            return httpx.Response(200, json={"id": "j1", "status": "CANCELLED"})
+        return httpx.Response(200, json={"id": "j1", "status": "IN_QUEUE"})
+
+    backend = RunPodBackend(None, None, base_url="http://rp", poll_interval_s=0.01,
+                            async_transport=httpx.MockTransport(answer))
+
+    async def main():
+        task = asyncio.create_task(backend.agenerate(sdxl_lora_client.GenerateRequest(prompt="p")))
+        while len(seen) < 3:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert seen[0] == "POST /runsync" and seen[-1] == "POST /cancel/j1"
