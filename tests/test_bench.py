@@ -84,4 +84,5 @@ def test_jobs_bench_reports_throughput_latency_busy_and_charges():
     for entry in result["runs"]:
         assert entry["outcomes"] == {"enhanced": 6} and entry["charges"] == 6
         assert entry["ratio_to_sequential"] > 0 and entry["p95_job_s"] >= entry["p50_job_s"] > 0
+        assert entry["pipeline_busy_share"] > 0 and entry["pipeline_ms_per_render"] > 0
         assert entry["busy_answers"] == 0

@@ -5,7 +5,9 @@ other, no queueing and no client in the way, measured before and after each run.
 applicator, for each `max_in_flight` asked; the figures are clips/s against that baseline (the
 client should pass the service's capacity through: >= 0.9), p50/p95 job latency, the `busy` answers
 the service gave, every clip's outcome, and renders vs. charges (renders from the service's
-`sdxl_lora_images_generated_total` when it exports it, else n/a).
+`sdxl_lora_images_generated_total` when it exports it, else n/a). On a machine whose load drifts
+the sequential baseline drifts with it; `pipeline_busy_share` (the pipeline's own reported render
+time over the run's wall time) is the same question asked within one run.
 """
 
 from __future__ import annotations
@@ -48,16 +50,22 @@ def counting_backend(base: str):
     return Counting(base)
 
 
-def sequential_clips_per_s(base: str, reference: str, lora: dict, options, requests: int) -> float:
-    """The service alone: `requests` img2img requests like the applicator's, one after the other."""
+def pipeline_ms(timings: dict) -> float:
+    """The pipeline's own time for one render, as the service reports it."""
+    return sum(timings.get(k, 0.0) for k in ("adapter", "inference", "encode"))
+
+
+def sequential(base: str, reference: str, lora: dict, options, requests: int) -> tuple[float, float]:
+    """The service alone: `requests` img2img requests like the applicator's, one after the other;
+    (clips/s, mean pipeline ms per render)."""
     from sdxl_lora_client import GenerateRequest, ServiceBackend
 
     with ServiceBackend(base) as backend:
         started = time.perf_counter()
-        for i in range(requests):
-            backend.generate(GenerateRequest(prompt=f"<s0> shot {i}", loras=[lora], image=reference, seed=10_000 + i,
-                                             strength=options.strength, num_inference_steps=options.num_inference_steps))
-        return requests / (time.perf_counter() - started)
+        renders = [backend.generate(GenerateRequest(
+            prompt=f"<s0> shot {i}", loras=[lora], image=reference, seed=10_000 + i, strength=options.strength,
+            num_inference_steps=options.num_inference_steps)).timings_ms.model_dump() for i in range(requests)]
+        return requests / (time.perf_counter() - started), sum(map(pipeline_ms, renders)) / requests
 
 
 def concurrent_jobs(base: str, store, reference: str, options, jobs: int, clips: int, max_in_flight: int,
@@ -86,10 +94,15 @@ def concurrent_jobs(base: str, store, reference: str, options, jobs: int, clips:
     renders_after = rendered_images(base)
     latencies = [seconds for _, seconds in done]
     outcomes = Counter(o.status if o.reason is None else f"{o.status}:{o.reason}" for r, _ in done for o in r.outcomes)
+    rows = [row for j in range(jobs) for row in store.job_costs(f"{tag}-{j}")]
+    # The pipeline's own time per render, as the service reported it: their sum over the wall time is
+    # how much of the run the one pipeline spent rendering (the same machine load on both sides).
+    pipeline_s = sum(pipeline_ms(row["details"]["timings_ms"]) for row in rows) / 1e3
     return {"max_in_flight": max_in_flight, "wall_s": wall_s, "clips_per_s": jobs * clips / wall_s,
+            "pipeline_busy_share": pipeline_s / wall_s, "pipeline_ms_per_render": pipeline_s * 1e3 / len(rows),
             "p50_job_s": percentile(latencies, 50), "p95_job_s": percentile(latencies, 95),
             "busy_answers": backend_class.busy, "outcomes": dict(outcomes),
-            "charges": sum(len(store.job_costs(f"{tag}-{j}")) for j in range(jobs)),
+            "charges": len(rows),
             "renders": None if renders_before is None else renders_after - renders_before}
 
 
@@ -117,27 +130,32 @@ def run(jobs: int = 20, clips: int = 5, in_flight: tuple[int, ...] = (8,), steps
         reference = f"{files_url}/ref.png"
         store.put_lora("char", status="completed", url=f"{files_url}/char.safetensors", trigger="<s0>")
         lora = {"id": "char", "url": f"{files_url}/char.safetensors"}
-        sequential_clips_per_s(base, reference, lora, options, 2)  # warm-up: download, inject
+        sequential(base, reference, lora, options, max(5, baseline_requests))  # warm-up: download, inject, first runs
         # The baseline before and after each run (the machine's load drifts): each run against their mean.
-        baselines = [sequential_clips_per_s(base, reference, lora, options, baseline_requests)]
+        measured = [sequential(base, reference, lora, options, baseline_requests)]
         result["runs"] = []
-        for limit in in_flight:
-            result["runs"].append(concurrent_jobs(base, store, reference, options, jobs, clips, limit, f"mif{limit}"))
-            baselines.append(sequential_clips_per_s(base, reference, lora, options, baseline_requests))
+        for index, limit in enumerate(in_flight):  # job ids of their own: a run is never a replay of another
+            result["runs"].append(concurrent_jobs(base, store, reference, options, jobs, clips, limit,
+                                                  f"run{index}-mif{limit}"))
+            measured.append(sequential(base, reference, lora, options, baseline_requests))
+    baselines = [clips_per_s for clips_per_s, _ in measured]
     result["sequential_clips_per_s"] = baselines
+    result["sequential_pipeline_ms_per_render"] = [ms for _, ms in measured]
     for entry, before, after in zip(result["runs"], baselines, baselines[1:]):
         entry["ratio_to_sequential"] = entry["clips_per_s"] / ((before + after) / 2)
     if as_json:
         emit_json(result)
     else:
         rows = [(f"max_in_flight {r['max_in_flight']}", f"{r['clips_per_s']:.2f}", f"{r['ratio_to_sequential']:.2f}",
-                 f"{r['p50_job_s']:.2f}", f"{r['p95_job_s']:.2f}", r["busy_answers"],
+                 f"{r['pipeline_busy_share']:.2f}", f"{r['pipeline_ms_per_render']:.0f}", f"{r['p50_job_s']:.2f}", f"{r['p95_job_s']:.2f}", r["busy_answers"],
                  r["outcomes"].get("enhanced", 0), "n/a" if r["renders"] is None else r["renders"], r["charges"])
                 for r in result["runs"]]
         print_table(f"jobs: {jobs} concurrent jobs x {clips} clips through one applicator, tiny service "
                     f"(QUEUE_MAX {settings.queue_max}, {steps} steps); service alone, sequential, before and after "
-                    f"each run: {', '.join(f'{v:.2f}' for v in baselines)} clips/s; {result['machine']}", rows,
-                    ("variant", "clips/s", "/ sequential", "p50 job s", "p95 job s", "busy", "enhanced", "renders",
+                    f"each run: {', '.join(f'{v:.2f}' for v in baselines)} clips/s, "
+                    f"{', '.join(f'{ms:.0f}' for ms in result['sequential_pipeline_ms_per_render'])} ms/render; "
+                    f"{result['machine']}", rows,
+                    ("variant", "clips/s", "/ sequential", "pipeline busy", "ms/render", "p50 job s", "p95 job s", "busy", "enhanced", "renders",
                      "charges"))
     return result
 
