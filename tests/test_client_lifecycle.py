@@ -171,3 +171,15 @@ def test_a_cancelled_runpod_request_cancels_its_runpod_job():
 
     asyncio.run(main())
     assert seen[0] == "POST /runsync" and seen[-1] == "POST /cancel/j1"
+
+
+def test_a_cancellation_from_inside_a_clip_is_that_clips_outcome_not_the_jobs(store):
+    class CancelsItself(ScriptedBackend):
+        async def agenerate(self, request, idempotency_key=None):
+            if request.image == REF.format(0):
+                raise asyncio.CancelledError  # e.g. a library cancelling its own call
+            return await super().agenerate(request, idempotency_key)
+
+    with LoraApplicator(store=store, preprocessing=CancelsItself()) as applicator:
+        result = applicator.apply("job", clips(2), "kling_v21", "char")
+    assert [(o.status, o.reason) for o in result.outcomes] == [("original", "cancelled"), ("enhanced", None)]

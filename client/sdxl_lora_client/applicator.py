@@ -408,6 +408,9 @@ class _JobRun:
                                   f"({self.a.job_deadline_s:g} s) passed")
             await self.record_charges(run)
         except asyncio.CancelledError:
+            if not asyncio.current_task().cancelling():  # not apply() being cancelled: a library's own cancel
+                run.fall_back(ClientCode.CANCELLED, "a call of this clip was cancelled")
+                return
             for charge in run.pending:  # apply() was cancelled: nothing is written after it, so say it here
                 log.error("job %s: cancelled before the ledger confirmed %r; if job_costs lacks it, "
                           "record_charges([charge]) adds it once", self.job_id, charge)
