@@ -183,3 +183,16 @@ def test_a_cancellation_from_inside_a_clip_is_that_clips_outcome_not_the_jobs(st
     with LoraApplicator(store=store, preprocessing=CancelsItself()) as applicator:
         result = applicator.apply("job", clips(2), "kling_v21", "char")
     assert [(o.status, o.reason) for o in result.outcomes] == [("original", "cancelled"), ("enhanced", None)]
+
+
+def test_a_store_that_fails_unexpectedly_does_not_fail_the_job(store, caplog):
+    class Broken(SqlStore):
+        def get_lora(self, lora_id):
+            raise KeyError("a store of the caller's own, failing its own way")
+
+    broken = Broken(str(store.engine.url))
+    with LoraApplicator(store=broken, preprocessing=ScriptedBackend()) as applicator:
+        result = applicator.apply("job", clips(2), "kling_v21", "char")
+    assert result.path == "reference_fallback" and result.clips == clips(2)
+    assert [(o.status, o.reason) for o in result.outcomes] == [("original", "internal")] * 2
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)

@@ -170,6 +170,14 @@ class _Applicator:
                      lora_model_id: str | None) -> ApplyResult:
         clips = [replace(c, character_reference_urls=list(c.character_reference_urls),
                          scene_reference_urls=list(c.scene_reference_urls)) for c in clips]
+        try:
+            return await self._apply_copies(job_id, clips, video_model, lora_model_id)
+        except Exception as exc:  # noqa: BLE001 - a bug of ours (or of a store passed in) must not fail the video job
+            log.exception("job %s: unexpected error in the LoRA step", job_id)
+            return _all_original(clips, ErrorCode.INTERNAL, f"unexpected {type(exc).__name__}: {exc}")
+
+    async def _apply_copies(self, job_id: str, clips: list[ClipPrompt], video_model: str,
+                            lora_model_id: str | None) -> ApplyResult:
         if not lora_model_id:
             return ApplyResult("none", clips, [ClipOutcome(c.clip_id) for c in clips])
         loop = asyncio.get_running_loop()
