@@ -174,7 +174,7 @@ class _Applicator:
             return await self._apply_copies(job_id, clips, video_model, lora_model_id)
         except Exception as exc:  # noqa: BLE001 - a bug of ours (or of a store passed in) must not fail the video job
             log.exception("job %s: unexpected error in the LoRA step", job_id)
-            return _all_original(clips, ErrorCode.INTERNAL, f"unexpected {type(exc).__name__}: {exc}")
+            return _all_original(job_id, clips, ErrorCode.INTERNAL, f"unexpected {type(exc).__name__}: {exc}")
 
     async def _apply_copies(self, job_id: str, clips: list[ClipPrompt], video_model: str,
                             lora_model_id: str | None) -> ApplyResult:
@@ -188,10 +188,10 @@ class _Applicator:
             # Read once, at job start: no polling.
             record = await self.ledger.call(self.store.get_lora, lora_model_id, wait_s=wait_s)
         except LedgerError as exc:
-            return _all_original(clips, ClientCode.LEDGER_UNAVAILABLE, f"the ledger is unavailable: {exc}")
+            return _all_original(job_id, clips, ClientCode.LEDGER_UNAVAILABLE, f"the ledger is unavailable: {exc}")
         reason = _not_ready_reason(lora_model_id, record)
         if reason:
-            return _all_original(clips, ClientCode.LORA_NOT_READY, reason)
+            return _all_original(job_id, clips, ClientCode.LORA_NOT_READY, reason)
         return await _JobRun(self, job_id, record, deadline).run(clips, video_model)
 
     async def _prefetch(self, lora_model_id: str) -> PrefetchResult:
@@ -331,12 +331,12 @@ def _prefetch_failed(lora_id: str, reason: str, message: str, loras=()) -> Prefe
     return PrefetchResult(lora_id, False, str(reason), message, list(loras))
 
 
-def _all_original(clips: list[ClipPrompt], reason: str, why: str) -> ApplyResult:
+def _all_original(job_id: str, clips: list[ClipPrompt], reason: str, why: str) -> ApplyResult:
     """Every clip keeps its references, for one job-wide reason: one warning per clip."""
     outcomes = [ClipOutcome(c.clip_id, reason=reason) for c in clips]
     warnings = [f"clip {c.clip_id}: original reference kept ({reason}: {why})" for c in clips]
     for warning in warnings:
-        log.warning(warning)
+        log.warning("job %s: %s", job_id, warning)
     return ApplyResult("reference_fallback", clips, outcomes, warnings=warnings)
 
 
