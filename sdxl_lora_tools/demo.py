@@ -83,18 +83,19 @@ def _run_job(base: str, api_key: str, files: Path, files_url: str, out_dir: Path
                       [f"{files_url}/scene.png"])
     backend = ServiceBackend(base, api_key=api_key)
     options = EnhanceOptions(num_inference_steps=8, strength=0.6, min_identity_score=0.5)
-    applicator = LoraApplicator(store, backend, options=options)
     job_started = time.perf_counter()
-    result = applicator.apply("demo-job", [clip], video_model="kling_v21", lora_model_id="demo-character")
+    with LoraApplicator(store, backend, options=options) as applicator:  # closes the backend too
+        result = applicator.apply("demo-job", [clip], video_model="kling_v21", lora_model_id="demo-character")
     job_s = time.perf_counter() - job_started
-    print(f"[3/4] job through LoraApplicator: path={result.path} in {job_s * 1e3:.0f} ms"
-          + (f"; warnings: {result.warnings}" if result.warnings else ""))
+    [outcome] = result.outcomes
+    print(f"[3/4] job through LoraApplicator: path={result.path} in {job_s * 1e3:.0f} ms; clip {outcome.clip_id}: "
+          f"{outcome.status}{f' ({outcome.reason})' if outcome.reason else ''}, {outcome.attempts} attempt(s), "
+          f"${outcome.cost}" + (f"; warnings: {result.warnings}" if result.warnings else ""))
 
     original = Image.open(files / "reference.png").convert("RGB")
-    enhanced_uri = result.clips[0].character_reference_urls[0]
     tiles = [(original, "original")]
-    if enhanced_uri.startswith("data:"):
-        enhanced = Image.open(io.BytesIO(base64.b64decode(enhanced_uri.split(",", 1)[1]))).convert("RGB")
+    if outcome.status == "enhanced":
+        enhanced = Image.open(io.BytesIO(base64.b64decode(outcome.image.base64))).convert("RGB")
         tiles.append((enhanced, "enhanced"))
     sheet_path = out_dir / "reference_vs_enhanced.png"
     contact_sheet(tiles).resize((len(tiles) * 256, 256 + 56), Image.Resampling.NEAREST).save(sheet_path)
@@ -108,5 +109,4 @@ def _run_job(base: str, api_key: str, files: Path, files_url: str, out_dir: Path
               + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ")")
     print(f"      job total_cost: ${store.total_cost('demo-job'):.6f}")
     print(f"[4/4] wrote {sheet_path} (original | enhanced); ledger in {db}")
-    backend.close()
     return sheet_path

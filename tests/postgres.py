@@ -88,17 +88,40 @@ class PostgresServer:
                    "--encoding=UTF8", "--no-locale", "--no-sync"])
         for _ in range(3):  # the free port may be taken between choosing it and the bind: choose again
             self.port = _free_port()
-            with open(self.log, "ab") as log:
-                self.process = subprocess.Popen(
-                    [self.bindir / "postgres", "-D", self.data,
-                     "-c", "listen_addresses=127.0.0.1", "-c", f"port={self.port}", "-c", "unix_socket_directories=",
-                     "-c", "max_connections=300", "-c", "fsync=off", "-c", "synchronous_commit=off",
-                     "-c", "full_page_writes=off"],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
-                    **self._as_user)
-            if self._wait_ready():
+            if self._launch():
                 return
         raise RuntimeError(f"PostgreSQL did not start; its log:\n{self._log_tail()}")
+
+    def _launch(self) -> bool:
+        """The postmaster on `self.port` over the existing data directory; True once it takes connections."""
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.bindir / "postgres", "-D", self.data,
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"port={self.port}", "-c", "unix_socket_directories=",
+                 "-c", "max_connections=300", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                 "-c", "full_page_writes=off"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.root,
+                **self._as_user)
+        return self._wait_ready()
+
+    # -- faults for the chaos tests: the same server going away and coming back ----------------
+
+    def shut_down(self) -> None:
+        """`pg_ctl stop -m fast`, as an operator restarting the database would: sessions are
+        terminated (AdminShutdown), the server is gone until `start_again`."""
+        self._run([self.bindir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "-t", "60", "stop"])
+        self.process.wait(timeout=60)
+
+    def start_again(self) -> None:
+        """The same cluster on the same port after `shut_down`."""
+        if not self._launch():
+            raise RuntimeError(f"PostgreSQL did not start again; its log:\n{self._log_tail()}")
+
+    def restart(self, down_s: float) -> None:
+        """Shut down, stay down `down_s` seconds, start again (blocking; run it in a thread)."""
+        self.shut_down()
+        time.sleep(down_s)
+        self.start_again()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -87,3 +87,15 @@ def test_queue_bench_answers_every_request():
         assert burst["ok"] == 3 and burst["failed"] == 0 and burst["throughput_ratio"] > 0
         assert burst["p95_s"] >= burst["p50_s"] > 0
     assert result["by_queue_max"][8]["busy"] == 0  # three callers fit a queue of eight
+
+
+def test_jobs_bench_reports_throughput_latency_busy_and_charges():
+    from sdxl_lora_tools.bench.jobs import run
+
+    result = run(jobs=3, clips=2, in_flight=(4,), steps=2, baseline_requests=1, as_json=True)
+    assert len(result["sequential_clips_per_s"]) == 2
+    for entry in result["runs"]:
+        assert entry["outcomes"] == {"enhanced": 6} and entry["charges"] == 6
+        assert entry["ratio_to_sequential"] > 0 and entry["p95_job_s"] >= entry["p50_job_s"] > 0
+        assert entry["pipeline_busy_share"] > 0 and entry["pipeline_ms_per_render"] > 0
+        assert entry["busy_answers"] == 0

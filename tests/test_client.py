@@ -8,6 +8,7 @@ import io
 import os
 import threading
 from dataclasses import replace
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from sdxl_lora_client import (
     SqlStore,
 )
 from sdxl_lora_client.compat import load_matrix
-from tests.fakes import FakeReplicate, LiveServer, start_handler_api, wait_ready
+from sdxl_lora_client.testing import FakeReplicate
+from tests.fakes import LiveServer, start_handler_api, wait_ready
 from tests.servers import FileServer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def applicator(store, backend, **kwargs) -> LoraApplicator:
 
 def assert_costs_consistent(store, job_id):
     rows = store.job_costs(job_id)
-    assert store.total_cost(job_id) == pytest.approx(sum(r["cost"] for r in rows), abs=1e-9)
+    assert store.total_cost(job_id) == sum(r["cost"] for r in rows), "Decimal: exactly"
     return rows
 
 
@@ -100,7 +102,9 @@ def test_lora_not_ready_keeps_original_references(store, files, service, status)
     result = applicator(store, ServiceBackend(service)).apply("job", clips(files), "kling_v21", lora_id)
     assert result.path == "reference_fallback"
     assert result.clips == clips(files)
-    assert result.warnings and "original reference images used" in result.warnings[0]
+    assert [(o.clip_id, o.status, o.reason) for o in result.outcomes] == [
+        (c, "original", "lora_not_ready") for c in ("c1", "c2", "c3")]
+    assert len(result.warnings) == 3 and all("lora_not_ready" in w for w in result.warnings), "one per clip"
     assert store.job_costs("job") == [] and store.total_cost("job") == 0
     assert files.hits["/char.safetensors"] == 0 or status not in ("missing", "no_url")
 
@@ -108,6 +112,7 @@ def test_lora_not_ready_keeps_original_references(store, files, service, status)
 def test_no_lora_selected_is_path_none(store, files):
     result = applicator(store, None).apply("job", clips(files), "kling_v21", None)
     assert result.path == "none" and result.clips == clips(files) and result.warnings == []
+    assert [(o.status, o.reason) for o in result.outcomes] == [("original", None)] * 3
 
 
 # -- preprocessing path ------------------------------------------------------------------------
@@ -124,11 +129,16 @@ def test_every_model_without_direct_weights_is_preprocessed(store, files, servic
     assert enhanced.scene_reference_urls == original[0].scene_reference_urls
     assert untouched == original[1]
     assert second.character_reference_urls[0].startswith("data:image/png")
+    assert [(o.status, o.reason, o.cost, o.attempts) for o in result.outcomes] == [
+        ("enhanced", None, Decimal("0.005"), 1), ("original", "no_character_reference", 0, 0),
+        ("enhanced", None, Decimal("0.005"), 1)]
+    assert decode(enhanced.character_reference_urls[0]) == base64.b64decode(result.outcomes[0].image.base64)
+    assert result.warnings == [], "a clip without a character reference is not a fallback"
     assert original[0].character_reference_urls[0] == files.url("face.png"), "the caller's clips are not mutated"
     rows = assert_costs_consistent(store, "job")
     assert sorted((r["clip_id"], r["stage"], r["api_name"], r["cost"]) for r in rows) == [  # clips run side by side
-        ("c1", "lora_application", "sdxl_lora_preprocessing", 0.005),
-        ("c3", "lora_application", "sdxl_lora_preprocessing", 0.005)]
+        ("c1", "lora_application", "sdxl_lora_preprocessing", Decimal("0.005")),
+        ("c3", "lora_application", "sdxl_lora_preprocessing", Decimal("0.005"))]
 
 
 def test_the_lora_is_fetched_once_per_job_and_the_trigger_is_in_the_prompt(tmp_path, store, files, tiny_model):
@@ -138,9 +148,9 @@ def test_the_lora_is_fetched_once_per_job_and_the_trigger_is_in_the_prompt(tmp_p
     seen = []
 
     class Recording(ServiceBackend):
-        def generate(self, request):
+        async def agenerate(self, request, idempotency_key=None):
             seen.append(request)
-            return super().generate(request)
+            return await super().agenerate(request, idempotency_key)
 
     before = files.hits["/char.safetensors"]
     settings = Settings(model=str(tiny_model), device="cpu", allow_private_urls=True, lora_cache_dir=tmp_path / "c")
@@ -156,7 +166,7 @@ def test_replaying_a_job_charges_nothing_twice_and_renders_the_same(store, files
     first = applicator(store, ServiceBackend(service)).apply("job", clips(files), "veo_31", "char")
     total = store.total_cost("job")
     again = applicator(store, ServiceBackend(service)).apply("job", clips(files), "veo_31", "char")
-    assert store.total_cost("job") == total == pytest.approx(0.01)
+    assert store.total_cost("job") == total == Decimal("0.01")
     assert len(assert_costs_consistent(store, "job")) == 2
     assert [c.character_reference_urls for c in again.clips] == [c.character_reference_urls for c in first.clips]
 
@@ -164,11 +174,11 @@ def test_replaying_a_job_charges_nothing_twice_and_renders_the_same(store, files
 def test_gpu_second_pricing(store, files, service):
     from sdxl_lora_client import Pricing
 
-    applicator(store, ServiceBackend(service), pricing=Pricing(per_gpu_second=0.0004)).apply(
+    applicator(store, ServiceBackend(service), pricing=Pricing(per_gpu_second=Decimal("0.0004"))).apply(
         "job", clips(files)[:1], "veo_31", "char")
     [row] = assert_costs_consistent(store, "job")
     gpu_s = (row["details"]["timings_ms"]["adapter"] + row["details"]["timings_ms"]["inference"]) / 1e3
-    assert row["cost"] == pytest.approx(round(gpu_s * 0.0004, 6), abs=1e-6)
+    assert row["cost"] == pytest.approx(Decimal(round(gpu_s * 0.0004, 6)), abs=Decimal("0.000001"))
 
 
 # -- failures -----------------------------------------------------------------------------------
@@ -180,8 +190,10 @@ def test_backend_down_retries_2_4_8_then_keeps_originals_for_the_whole_job(store
     result = applicator(store, dead, sleep=sleeps, max_concurrent_clips=1).apply("job", clips(files), "kling_v21", "char")
     assert result.path == "reference_fallback" and result.clips == clips(files)
     assert sleeps == [2.0, 4.0, 8.0], "three retries with exponential backoff, then no more for later clips"
-    assert any("remaining clips skip preprocessing" in w for w in result.warnings)
-    assert any("c3: preprocessing skipped" in w for w in result.warnings)
+    assert [(o.reason, o.attempts) for o in result.outcomes] == [
+        ("backend_unavailable", 4), ("no_character_reference", 0), ("backend_unavailable", 0)]
+    assert len(result.warnings) == 2 and "c3: original reference kept" in result.warnings[1]
+    assert "skipped: clip c1 gave up" in result.warnings[1]
     assert store.job_costs("job") == [] and store.total_cost("job") == 0
 
 
@@ -191,8 +203,8 @@ def test_clips_running_side_by_side_each_retry_on_their_own(store, files):
     result = applicator(store, dead, sleep=sleeps).apply("job", clips(files), "kling_v21", "char")
     assert result.path == "reference_fallback" and result.clips == clips(files)
     assert sorted(sleeps) == [2.0, 2.0, 4.0, 4.0, 8.0, 8.0], "c1 and c3 started together: 2, 4, 8 s each"
-    attempts = [w for w in result.warnings if "preprocessing attempt" in w]
-    assert [w.split(":")[0] for w in attempts] == ["clip c1"] * 4 + ["clip c3"] * 4, "warnings in the clips' order"
+    assert [o.attempts for o in result.outcomes] == [4, 0, 4]
+    assert [w.split(":")[0] for w in result.warnings] == ["clip c1", "clip c3"], "one per clip, in the clips' order"
     assert store.job_costs("job") == []
 
 
@@ -201,7 +213,7 @@ def test_lora_404_is_not_retried_and_keeps_originals(store, files, service):
     sleeps = Sleeps()
     result = applicator(store, ServiceBackend(service), sleep=sleeps).apply("job", clips(files), "kling_v21", "gone")
     assert result.path == "reference_fallback" and result.clips == clips(files)
-    assert sleeps == [] and "lora_download_failed" in result.warnings[0]
+    assert sleeps == [] and {o.reason for o in result.outcomes} == {"lora_download_failed", "no_character_reference"}
     assert store.job_costs("job") == []
 
 
@@ -247,7 +259,8 @@ def test_direct_path_passes_the_lora_in_the_models_field(store, files):
     assert all(c["prefer"].startswith("wait") for c in fake.calls)
     assert all(c.video_url and c.video_url.endswith(".mp4") for c in result.clips)
     rows = assert_costs_consistent(store, "job")
-    assert [(r["api_name"], r["cost"]) for r in rows] == [("lora_direct", 0.0001)] * 3
+    assert [(r["api_name"], r["cost"]) for r in rows] == [("lora_direct", Decimal("0.0001"))] * 3
+    assert [(o.status, o.cost, o.attempts) for o in result.outcomes] == [("direct", Decimal("0.0001"), 1)] * 3
 
 
 def test_sdxl_lora_never_goes_direct_without_weights_for_that_architecture(store, files, service):
@@ -277,7 +290,7 @@ def test_throttled_create_is_retried_after_retry_after(files):
     with FakeReplicate() as fake:
         fake.script = ["429"]
         client = ReplicateClient("token", base_url=fake.url, poll_interval_s=0.01)
-        client.run("kwaivgi/kling-v2.1", {"prompt": "x"})
+        asyncio.run(client.run("kwaivgi/kling-v2.1", {"prompt": "x"}))
     assert [c["action"] for c in fake.calls] == ["429", "ok"]
     assert fake.calls[1]["at"] - fake.calls[0]["at"] >= 0.95
 
@@ -363,7 +376,7 @@ def test_twenty_threads_charging_one_job_lose_nothing(tmp_path):
         t.join()
     assert errors == []
     rows = assert_costs_consistent(store, "job")
-    assert len(rows) == 100 and store.total_cost("job") == pytest.approx(0.5)
+    assert len(rows) == 100 and store.total_cost("job") == Decimal("0.5")
 
 
 def test_demo_runs_the_whole_path(tmp_path, monkeypatch, capsys):

@@ -15,10 +15,9 @@ import pytest
 from PIL import Image
 
 from sdxl_lora_tools.bench.clips import FixedLatencyService, seed_colour
-from sdxl_lora_client import (
-    AsyncLoraApplicator, BackendError, ClipPrompt, GenerateResponse, LoraApplicator, ServiceBackend, SqlStore,
-)
+from sdxl_lora_client import AsyncLoraApplicator, ClipPrompt, LoraApplicator, ServiceBackend, SqlStore
 from sdxl_lora_client.applicator import clip_seed
+from sdxl_lora_client.testing import ScriptedBackend
 from tests.fakes import LiveServer
 
 REF = "https://cdn.example/ref-{}.png"
@@ -53,7 +52,7 @@ def colour_of(data_uri: str) -> tuple[int, int, int]:
 
 def assert_costs_consistent(store, job_id):
     rows = store.job_costs(job_id)
-    assert store.total_cost(job_id) == pytest.approx(sum(r["cost"] for r in rows), abs=1e-9)
+    assert store.total_cost(job_id) == sum(r["cost"] for r in rows), "Decimal: exactly"
     return rows
 
 
@@ -80,33 +79,6 @@ def test_clips_run_side_by_side_up_to_the_limit_and_come_back_in_order(store, fa
     assert sorted(r["clip_id"] for r in rows) == [f"c{i}" for i in range(5)]
 
 
-class ScriptedBackend:
-    """Answers by reference URL: a list of outcomes per clip, consumed one per attempt
-    ("ok", or an error code the service could answer). Both sync and async entry points."""
-
-    def __init__(self, script: dict[str, list[str]]):
-        self.script = {url: list(outcomes) for url, outcomes in script.items()}
-        self.attempts: dict[str, int] = {}
-
-    def generate(self, request):
-        url = request.image
-        self.attempts[url] = self.attempts.get(url, 0) + 1
-        outcome = self.script.get(url, []).pop(0) if self.script.get(url) else "ok"
-        if outcome != "ok":
-            from sdxl_lora_client.backends import RETRYABLE_CODES
-
-            raise BackendError(f"{outcome}: scripted", outcome, outcome in RETRYABLE_CODES)
-        return GenerateResponse.model_validate({
-            "images": [{"seed": request.seed, "width": 8, "height": 8, "mime": "image/png", "sha256": "0" * 64,
-                        "base64": "aGVsbG8="}],
-            "loras": [{"id": "char", "sha256": "1" * 64, "source": "disk"}],
-            "model": {"id": "m", "dtype": "float32", "device": "cpu"}, "timings_ms": {"total": 1.0}})
-
-    async def agenerate(self, request):
-        await asyncio.sleep(0)
-        return self.generate(request)
-
-
 class Sleeps(list):
     async def __call__(self, seconds: float) -> None:
         self.append(seconds)
@@ -114,17 +86,18 @@ class Sleeps(list):
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 def test_each_clip_retries_and_falls_back_on_its_own(store, kind):
-    backend = ScriptedBackend({REF.format(1): ["busy", "out_of_memory"], REF.format(2): ["image_invalid"]})
+    backend = ScriptedBackend({REF.format(1): ["busy:2", "out_of_memory"], REF.format(2): ["image_invalid"]})
     sleeps = Sleeps()
-    result = apply(kind, store, backend, "job", clips(4), sleep=sleeps)
-    assert sorted(sleeps) == [2.0, 4.0], "only c1 waited: two retryable failures, then success"
+    result = apply(kind, store, backend, "job", clips(4), sleep=sleeps, jitter=lambda: 0.5)
+    assert sorted(sleeps) == [2.0, 3.0], "only c1 waited: Retry-After 2 s + half of it, then the schedule's first 2 s"
     assert backend.attempts == {REF.format(0): 1, REF.format(1): 3, REF.format(2): 1, REF.format(3): 1}
     assert result.path == "preprocessed"
     enhanced = [c.character_reference_urls[0].startswith("data:") for c in result.clips]
     assert enhanced == [True, True, False, True], "c2 keeps its original reference, the others are enhanced"
     assert result.clips[2].character_reference_urls == [REF.format(2)]
-    assert [w.split(":")[0] for w in result.warnings] == ["clip c1", "clip c1", "clip c2", "clip c2"]
-    assert not any("remaining clips skip" in w for w in result.warnings), "a bad reference is that clip's own"
+    assert [(o.status, o.reason, o.attempts) for o in result.outcomes] == [
+        ("enhanced", None, 1), ("enhanced", None, 3), ("original", "image_invalid", 1), ("enhanced", None, 1)]
+    assert [w.split(":")[0] for w in result.warnings] == ["clip c2"], "a bad reference is that clip's own"
     rows = assert_costs_consistent(store, "job")
     assert sorted(r["clip_id"] for r in rows) == ["c0", "c1", "c3"], "every rendered clip charged once"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from decimal import Decimal
 
 import httpx
 import pytest
@@ -76,7 +77,9 @@ def test_a_score_below_the_minimum_keeps_the_original_reference_and_says_so(stor
     rows = store.job_costs("job")
     assert sorted((r["clip_id"], r["details"]["identity_score"], r["details"]["accepted"]) for r in rows) == [
         ("c1", 0.41, False), ("c2", 0.93, True)], "the rejected render was still paid for"
-    assert store.total_cost("job") == pytest.approx(0.01)
+    assert store.total_cost("job") == Decimal("0.01")
+    assert [(o.status, o.reason, o.cost) for o in result.outcomes] == [
+        ("original", "identity_rejected", Decimal("0.005")), ("enhanced", None, Decimal("0.005"))]
 
 
 def test_every_clip_below_the_minimum_is_a_reference_fallback(store):

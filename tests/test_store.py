@@ -13,8 +13,8 @@ from decimal import Decimal
 
 import pytest
 
-from sdxl_lora_client import ClipPrompt, LoraApplicator, SqlStore
-from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
+from sdxl_lora_client import Charge, ClipPrompt, LedgerError, LoraApplicator, SqlStore
+from sdxl_lora_client.testing import ScriptedBackend
 from tests.postgres import postgres_server, postgres_url  # noqa: F401 - fixtures
 
 THREADS = 20
@@ -64,7 +64,7 @@ def report(errors: list[BaseException]) -> str:
 
 def assert_costs_consistent(store: SqlStore, job_id: str) -> list[dict]:
     rows = store.job_costs(job_id)
-    assert store.total_cost(job_id) == pytest.approx(sum(r["cost"] for r in rows), abs=1e-9)
+    assert store.total_cost(job_id) == sum(r["cost"] for r in rows), "Decimal: exactly"
     return rows
 
 
@@ -113,7 +113,7 @@ def test_concurrent_identical_charges_land_once(make_store):
     assert Counter(results) == {True: 1, False: THREADS - 1}
     store = make_store()
     [row] = assert_costs_consistent(store, "job")
-    assert row["cost"] == pytest.approx(0.005) and store.total_cost("job") == pytest.approx(0.005)
+    assert row["cost"] == Decimal("0.005") and store.total_cost("job") == Decimal("0.005")
 
 
 def test_concurrent_distinct_charges_all_land_and_replays_are_refused(make_store):
@@ -132,16 +132,16 @@ def test_concurrent_distinct_charges_all_land_and_replays_are_refused(make_store
     store = make_store()
     rows = assert_costs_consistent(store, "job")
     assert len(rows) == THREADS * 5
-    assert store.total_cost("job") == pytest.approx(float(sum(cost(i, j) for i in range(THREADS) for j in range(5))))
+    assert store.total_cost("job") == sum(cost(i, j) for i in range(THREADS) for j in range(5))
 
 
 def test_a_charge_for_a_missing_job_raises_and_writes_nothing(make_store):
     store = make_store()
     store.create_job("other")
-    with pytest.raises(KeyError, match="no job 'missing'"):
+    with pytest.raises(LedgerError, match="no job 'missing'"):
         store.charge("missing", "c1", STAGE, API, 0.005)
     assert store.job_costs("missing") == []
-    with pytest.raises(KeyError):
+    with pytest.raises(LedgerError):
         store.total_cost("missing")
     assert store.job_costs("other") == [] and store.total_cost("other") == 0
     store.create_job("missing")  # nothing was written: the same charge now lands, once
@@ -150,22 +150,10 @@ def test_a_charge_for_a_missing_job_raises_and_writes_nothing(make_store):
     assert len(assert_costs_consistent(store, "missing")) == 1
 
 
-def test_concurrent_charges_for_a_missing_job_all_raise_key_error(make_store):
+def test_concurrent_charges_for_a_missing_job_all_raise_ledger_error(make_store):
     _, errors = race(make_store, lambda store, i: store.charge("missing", f"c{i}", STAGE, API, 0.005))
-    assert len(errors) == THREADS and all(isinstance(e, KeyError) for e in errors), errors[:3]
+    assert len(errors) == THREADS and all(isinstance(e, LedgerError) and not e.retryable for e in errors), errors[:3]
     assert make_store().job_costs("missing") == []
-
-
-class ScriptedBackend:
-    """The service's answer without a service: one enhanced image (a URL) per request."""
-
-    def generate(self, request: GenerateRequest) -> GenerateResponse:
-        return GenerateResponse.model_validate({
-            "images": [{"seed": request.seed, "width": 8, "height": 8, "mime": "image/png", "sha256": "0" * 64,
-                        "url": f"https://bucket.example/enhanced-{request.seed}.png"}],
-            "loras": [{"id": "char", "sha256": "1" * 64, "source": "disk"}],
-            "model": {"id": "m", "dtype": "float32", "device": "cpu"},
-            "timings_ms": {"adapter": 10.0, "inference": 90.0, "total": 120.0}})
 
 
 def test_concurrent_apply_on_one_job_never_raises_and_charges_each_clip_once(make_store):
@@ -179,8 +167,8 @@ def test_concurrent_apply_on_one_job_never_raises_and_charges_each_clip_once(mak
     def apply(store: SqlStore, i: int):
         create_job = store.create_job  # the jobs' first writes, released together
         store.create_job = lambda job_id: (at_create.wait(), create_job(job_id))[1]
-        return LoraApplicator(store=store, preprocessing=ScriptedBackend(), sleep=lambda s: None).apply(
-            "job-3", clips, "kling_v21", "char")
+        with LoraApplicator(store=store, preprocessing=ScriptedBackend(), sleep=lambda s: None) as applicator:
+            return applicator.apply("job-3", clips, "kling_v21", "char")
 
     results, errors = race(make_store, apply)
     assert not errors, report(errors)
@@ -188,7 +176,7 @@ def test_concurrent_apply_on_one_job_never_raises_and_charges_each_clip_once(mak
     store = make_store()
     rows = assert_costs_consistent(store, "job-3")
     assert sorted(r["clip_id"] for r in rows) == ["c1", "c3"]
-    assert {r["api_name"] for r in rows} == {API} and store.total_cost("job-3") == pytest.approx(0.01)
+    assert {r["api_name"] for r in rows} == {API} and store.total_cost("job-3") == Decimal("0.01")
 
 
 def test_without_on_conflict_the_savepoint_fallback_is_race_free_too(make_store, monkeypatch):
@@ -205,6 +193,28 @@ def test_without_on_conflict_the_savepoint_fallback_is_race_free_too(make_store,
     results, errors = race(make_store, lambda store, i: store.charge("job", "c1", STAGE, API, 0.005))
     assert not errors, report(errors)
     assert Counter(results) == {True: 1, False: THREADS - 1}
-    with pytest.raises(KeyError):
+    with pytest.raises(LedgerError):
         make_store().charge("missing", "c1", STAGE, API, 0.005)
     assert len(assert_costs_consistent(make_store(), "job")) == 1
+
+
+def test_recorded_charges_replay_once_each_creating_their_job(make_store):
+    charges = [Charge("job-r", f"c{i}", STAGE, API, Decimal("0.005"), {"i": i}) for i in range(3)]
+    store = make_store()
+    assert store.record_charges(charges) == 3, "the job did not exist: it is created"
+    assert store.record_charges(charges) == 0, "a second replay writes nothing"
+    results, errors = race(make_store, lambda store, i: store.record_charges(charges))
+    assert not errors, report(errors)
+    assert sum(results) == 0
+    rows = assert_costs_consistent(store, "job-r")
+    assert [(r["clip_id"], r["cost"]) for r in rows] == [(f"c{i}", Decimal("0.005")) for i in range(3)]
+
+
+def test_money_is_decimal_to_the_millionth(make_store):
+    store = make_store()
+    store.create_job("job")
+    for i, cost in enumerate(["0.1", 0.2, Decimal("0.0000004"), Decimal("0.0000006")]):
+        store.charge("job", f"c{i}", STAGE, API, cost)
+    assert store.total_cost("job") == Decimal("0.300001") and isinstance(store.total_cost("job"), Decimal)
+    assert [r["cost"] for r in store.job_costs("job")] == [
+        Decimal("0.1"), Decimal("0.2"), Decimal("0"), Decimal("0.000001")], "rounded half-even to 6 places"

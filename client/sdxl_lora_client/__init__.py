@@ -1,7 +1,9 @@
 """The video generator's side of sdxl-lora-service: no torch, no diffusers, no fastapi.
 
 `LoraApplicator` / `AsyncLoraApplicator` apply a character LoRA to a video job; `contract` holds
-the service's request/response models and error codes.
+the service's request/response models and error codes; `testing` has fakes (a preprocessing
+backend, a Replicate) for the video generator's own tests. Log messages go to the logger
+`sdxl_lora_client`: one warning per clip that fell back, each attempt at INFO.
 
 The names below load on first use (PEP 562), so the service can import `sdxl_lora_client.contract`
 (pydantic only) without the applicator, its HTTP clients and SQLAlchemy.
@@ -13,25 +15,28 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "ApplyResult": "applicator", "AsyncLoraApplicator": "applicator", "ClipPrompt": "applicator",
-    "EnhanceOptions": "applicator", "LoraApplicator": "applicator", "Pricing": "applicator",
-    "BackendError": "backends", "RunPodBackend": "backends", "ServiceBackend": "backends",
+    "AsyncLoraApplicator": "applicator", "EnhanceOptions": "applicator", "LoraApplicator": "applicator",
+    "Pricing": "applicator",
+    "RunPodBackend": "backends", "ServiceBackend": "backends",
     "VideoModel": "compat", "load_matrix": "compat",
-    "ErrorCode": "contract", "GenerateRequest": "contract", "GenerateResponse": "contract",
+    "ErrorCode": "contract", "GenerateRequest": "contract", "GenerateResponse": "contract", "ImageOut": "contract",
+    "BackendError": "errors", "ClientCode": "errors", "ClientError": "errors", "LedgerError": "errors",
+    "ReplicateError": "errors",
+    "ApplyResult": "outcomes", "ClipOutcome": "outcomes", "ClipPrompt": "outcomes", "PrefetchResult": "outcomes",
     "ReplicateClient": "replicate",
-    "LoraRecord": "store", "SqlStore": "store",
+    "Charge": "store", "LoraRecord": "store", "SqlStore": "store",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from sdxl_lora_client.applicator import (
-        ApplyResult, AsyncLoraApplicator, ClipPrompt, EnhanceOptions, LoraApplicator, Pricing,
-    )
-    from sdxl_lora_client.backends import BackendError, RunPodBackend, ServiceBackend
+    from sdxl_lora_client.applicator import AsyncLoraApplicator, EnhanceOptions, LoraApplicator, Pricing
+    from sdxl_lora_client.backends import RunPodBackend, ServiceBackend
     from sdxl_lora_client.compat import VideoModel, load_matrix
-    from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse
+    from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse, ImageOut
+    from sdxl_lora_client.errors import BackendError, ClientCode, ClientError, LedgerError, ReplicateError
+    from sdxl_lora_client.outcomes import ApplyResult, ClipOutcome, ClipPrompt, PrefetchResult
     from sdxl_lora_client.replicate import ReplicateClient
-    from sdxl_lora_client.store import LoraRecord, SqlStore
+    from sdxl_lora_client.store import Charge, LoraRecord, SqlStore
 
 
 def __getattr__(name: str):

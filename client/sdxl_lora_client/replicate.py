@@ -1,67 +1,129 @@
-"""The few Replicate HTTP API calls the client makes: create a prediction, wait for it, read a
-model's input schema. 429 is retried after Retry-After (the official client does not retry a
-throttled prediction create)."""
+"""The few Replicate HTTP API calls the client makes: create a prediction, wait for it, cancel it,
+read a model's input schema.
+
+`run` is a coroutine, usable from any event loop: cancelling it cancels the prediction it started
+(`POST /v1/predictions/{id}/cancel`), so a cancelled video job leaves nothing running and billed.
+429 is retried after Retry-After (the official client does not retry a throttled prediction create).
+Every failure, an answer that is not JSON included, is a `ReplicateError`.
+"""
 
 from __future__ import annotations
 
-import time
+import asyncio
+import os
 
 import httpx
 
+from sdxl_lora_client.errors import ReplicateError
+from sdxl_lora_client.http import LoopClients
+
+__all__ = ["ReplicateClient", "ReplicateError", "lora_like_inputs"]
+
 TERMINAL = ("succeeded", "failed", "canceled")
-
-
-class ReplicateError(Exception):
-    pass
+TOKEN_ENV = "REPLICATE_API_TOKEN"
 
 
 class ReplicateClient:
-    def __init__(self, token: str, base_url: str = "https://api.replicate.com", timeout_s: float = 600.0,
-                 poll_interval_s: float = 2.0, max_throttle_retries: int = 5, wait_s: int = 60):
-        self._http = httpx.Client(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s, connect=10.0),
-                                  headers={"authorization": f"Bearer {token}"})
+    """A Replicate API client for one token (default: `REPLICATE_API_TOKEN`)."""
+
+    def __init__(self, token: str | None = None, base_url: str = "https://api.replicate.com",
+                 timeout_s: float = 600.0, poll_interval_s: float = 2.0, max_throttle_retries: int = 5,
+                 wait_s: int = 60, transport: httpx.BaseTransport | None = None,
+                 async_transport: httpx.AsyncBaseTransport | None = None):
+        token = token or os.environ.get(TOKEN_ENV)
+        if not token:
+            raise ReplicateError(f"no Replicate token: pass one or set {TOKEN_ENV}")
+        self._http = LoopClients(transport, async_transport, base_url=base_url.rstrip("/"),
+                                 timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                 headers={"authorization": f"Bearer {token}"})
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
         self.max_throttle_retries = max_throttle_retries
         self.wait_s = wait_s
 
-    def run(self, model: str, inputs: dict) -> dict:
+    async def run(self, model: str, inputs: dict) -> dict:
         """Create a prediction on `owner/name` (holding the connection up to `wait_s` with
         `Prefer: wait`), then poll until it ends. Returns the succeeded prediction."""
-        prediction = self._request("POST", f"/v1/models/{model}/predictions", json={"input": inputs},
-                                   headers={"prefer": f"wait={self.wait_s}"})
-        deadline = time.monotonic() + self.timeout_s
-        while prediction.get("status") not in TERMINAL:
-            if time.monotonic() > deadline:
-                raise ReplicateError(f"prediction {prediction.get('id')} still {prediction.get('status')}")
-            time.sleep(self.poll_interval_s)
-            prediction = self._request("GET", f"/v1/predictions/{prediction['id']}")
-        if prediction["status"] != "succeeded":
-            raise ReplicateError(f"prediction {prediction.get('id')} {prediction['status']}: {prediction.get('error')}")
+        prediction = await self._request("POST", f"/v1/models/{model}/predictions", json={"input": inputs},
+                                         headers={"prefer": f"wait={self.wait_s}"})
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while prediction.get("status") not in TERMINAL:
+                    await asyncio.sleep(self.poll_interval_s)
+                    prediction = await self._request("GET", f"/v1/predictions/{_id_of(prediction)}")
+        except TimeoutError:
+            await self._cancel(prediction)
+            raise ReplicateError(f"prediction {prediction.get('id')} still {prediction.get('status')}") from None
+        except asyncio.CancelledError:
+            await self._cancel(prediction)
+            raise
+        if prediction.get("status") != "succeeded":
+            raise ReplicateError(f"prediction {prediction.get('id')} {prediction.get('status')}: "
+                                 f"{prediction.get('error')}")
         return prediction
+
+    async def _cancel(self, prediction: dict) -> None:
+        """Cancel a prediction we started; best effort and bounded, shielded from our caller's cancel."""
+        if not prediction.get("id"):
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._request("POST", f"/v1/predictions/{prediction['id']}/cancel")),
+                                   10.0)
+        except (ReplicateError, TimeoutError, asyncio.CancelledError):
+            pass
 
     def input_schema(self, model: str) -> dict:
         """The model's latest version's Input schema properties."""
-        body = self._request("GET", f"/v1/models/{model}")
+        body = _json(_checked(self._send_sync("GET", f"/v1/models/{model}")))
         schema = (body.get("latest_version") or {}).get("openapi_schema") or {}
         return schema.get("components", {}).get("schemas", {}).get("Input", {}).get("properties", {})
 
-    def _request(self, method: str, path: str, **kwargs) -> dict:
+    async def _request(self, method: str, path: str, **kwargs) -> dict:
         for attempt in range(self.max_throttle_retries + 1):
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = await self._http.current().request(method, path, **kwargs)
             except httpx.HTTPError as exc:
-                raise ReplicateError(f"Replicate unreachable: {exc}") from exc
+                raise ReplicateError(f"Replicate unreachable: {exc!r}") from exc
             if response.status_code == 429 and attempt < self.max_throttle_retries:
-                time.sleep(_retry_after_s(response))
+                await asyncio.sleep(_retry_after_s(response))
                 continue
-            if response.status_code >= 400:
-                raise ReplicateError(f"Replicate answered {response.status_code}: {response.text[:300]}")
-            return response.json()
-        raise ReplicateError("Replicate kept throttling")  # unreachable: the last 429 raises above
+            return _json(_checked(response))
+        raise ReplicateError("Replicate kept throttling")  # unreachable: the last 429 raises in _checked
+
+    def _send_sync(self, method: str, path: str) -> httpx.Response:
+        try:
+            return self._http.sync.request(method, path)
+        except httpx.HTTPError as exc:
+            raise ReplicateError(f"Replicate unreachable: {exc!r}") from exc
 
     def close(self) -> None:
         self._http.close()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+
+def _checked(response: httpx.Response) -> httpx.Response:
+    if response.status_code >= 400:
+        raise ReplicateError(f"Replicate answered {response.status_code}: {response.text[:300]}")
+    return response
+
+
+def _json(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        raise ReplicateError(f"Replicate answered {response.status_code} with something that is not JSON: "
+                             f"{response.text[:120]!r}") from None
+    if not isinstance(body, dict):
+        raise ReplicateError(f"Replicate answered {body!r:.120}")
+    return body
+
+
+def _id_of(prediction: dict) -> str:
+    if not prediction.get("id"):
+        raise ReplicateError(f"Replicate answered a prediction without an id: {prediction!r:.120}")
+    return prediction["id"]
 
 
 def _retry_after_s(response: httpx.Response) -> float:

@@ -1,19 +1,25 @@
 """The video generator's records the client reads and writes: LoRAs, jobs and their costs.
 
 SQLAlchemy Core over any URL (SQLite by default). A charge inserts its `job_costs` row and raises
-the job's `total_cost` in one transaction, and is idempotent per (job, clip, stage, api_name), so
-a replayed job never pays twice.
+the job's `total_cost` in one transaction, and is unique per (job, clip, stage, api_name): a
+replayed job, a retried charge whose commit went through but whose answer was lost, and a replay
+of `unrecorded_charges` all land once. Money is `Decimal` (NUMERIC columns) end to end.
 
 Safe under concurrency on any database, not just behind SQLite's write lock: creates are single
 `INSERT ... ON CONFLICT` statements (PostgreSQL, SQLite), so workers racing on one id never see a
 unique violation, and each charge locks its job's row first.
+
+Every failure is a `LedgerError`, `retryable` when the database was unreachable or dropped the
+connection; pooled connections are checked before use (`pool_pre_ping`), so a database that
+restarted costs one failed call, not one per stale connection.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -24,7 +30,20 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+
+from sdxl_lora_client.errors import LedgerError
+
+__all__ = ["Charge", "LedgerError", "LoraRecord", "SqlStore", "money"]
+
+CENT_MILLIONTHS = Decimal("0.000001")  # the ledger's precision: NUMERIC(14, 6)
+# Bounds a connection attempt to a database that is down, so a retry loop sees the failure quickly.
+CONNECT_TIMEOUT_S = 5
+
+
+def money(amount) -> Decimal:
+    """`amount` (Decimal, int, float or str) as the ledger stores it: a Decimal of 6 places."""
+    return Decimal(str(amount)).quantize(CENT_MILLIONTHS)
 
 metadata = MetaData()
 
@@ -62,6 +81,18 @@ _CHARGE_KEY = ("job_id", "clip_id", "stage", "api_name")
 
 
 @dataclass(frozen=True)
+class Charge:
+    """One charge for the ledger; (job_id, clip_id, stage, api_name) is its unique key."""
+
+    job_id: str
+    clip_id: str
+    stage: str
+    api_name: str
+    cost: Decimal
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class LoraRecord:
     id: str
     status: str
@@ -76,15 +107,39 @@ def _now() -> datetime:
 
 
 class SqlStore:
-    def __init__(self, url: str = "sqlite:///video.db"):
-        is_sqlite = make_url(url).get_backend_name() == "sqlite"
-        self.engine = create_engine(url, connect_args={"timeout": 30} if is_sqlite else {})
+    """The ledger and the LoRA records over any SQLAlchemy URL; tables are created if missing.
+
+    A context manager: leaving it closes the connection pool. `engine_options` go to
+    `create_engine` over the defaults (pre-ping, recycle, connect timeout for PostgreSQL).
+    """
+
+    def __init__(self, url: str = "sqlite:///video.db", **engine_options):
+        backend = make_url(url).get_backend_name()
+        is_sqlite = backend == "sqlite"
+        if is_sqlite:
+            defaults = dict(connect_args={"timeout": 30})
+        else:
+            defaults = dict(pool_pre_ping=True, pool_recycle=1800)
+            if backend == "postgresql":
+                defaults["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        self.engine = create_engine(url, **{**defaults, **engine_options})
         if is_sqlite:
             _sqlite_begin_immediate(self.engine)
         # SQLite serializes writers anyway: this store's threads queue on a lock rather than poll
         # SQLite's busy timeout. Other databases take row locks and need no such thing.
         self._write_lock = threading.Lock() if is_sqlite else None
-        metadata.create_all(self.engine)
+        with _ledger_errors("creating the tables"):
+            metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Close the pool's connections."""
+        self.engine.dispose()
+
+    def __enter__(self) -> SqlStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- LoRA records --------------------------------------------------------------------------
 
@@ -93,11 +148,11 @@ class SqlStore:
         """Create or replace the record (every field): concurrent writers never fail, the last one wins."""
         values = dict(status=status, url=url, trigger=trigger, sha256=sha256,
                       direct_weights=direct_weights or {}, updated_at=_now())
-        with self._writing(), self.engine.begin() as conn:
+        with _ledger_errors("put_lora"), self._writing(), self.engine.begin() as conn:
             _upsert(conn, lora_models, dict(id=lora_id, **values), ("id",), set_=values)
 
     def get_lora(self, lora_id: str) -> LoraRecord | None:
-        with self.engine.connect() as conn:
+        with _ledger_errors("get_lora"), self.engine.connect() as conn:
             row = conn.execute(select(lora_models).where(lora_models.c.id == lora_id)).mappings().first()
         if row is None:
             return None
@@ -108,45 +163,81 @@ class SqlStore:
 
     def create_job(self, job_id: str) -> None:
         """Create the job unless it exists (a replay, or another worker at the same moment)."""
-        with self._writing(), self.engine.begin() as conn:
-            _upsert(conn, jobs, dict(id=job_id, total_cost=0, created_at=_now()), ("id",))
+        with _ledger_errors("create_job"), self._writing(), self.engine.begin() as conn:
+            _create_job(conn, job_id)
 
-    def charge(self, job_id: str, clip_id: str, stage: str, api_name: str, cost: float | Decimal,
+    def charge(self, job_id: str, clip_id: str, stage: str, api_name: str, cost: Decimal | float | str,
                details: dict | None = None) -> bool:
         """Record one charge and raise the job's total_cost by it, in one transaction.
 
         False (and nothing written) when this (job, clip, stage, api_name) was already charged;
-        KeyError (and nothing written) when the job does not exist.
+        LedgerError (and nothing written) when the job does not exist.
         """
-        amount = Decimal(str(cost)).quantize(Decimal("0.000001"))
-        row = dict(job_id=job_id, clip_id=clip_id or "", stage=stage, api_name=api_name, cost=amount,
-                   details=json.loads(json.dumps(details or {}, default=str)), created_at=_now())
-        with self._writing(), self.engine.begin() as conn:
-            # The job's row, locked (FOR UPDATE; SQLite holds its write lock already): a job's charges
-            # queue here, and a missing job is told from a repeated charge without parsing errors.
-            if conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update()).first() is None:
-                raise KeyError(f"no job {job_id!r}: create_job first")
-            if not _upsert(conn, job_costs, row, _CHARGE_KEY):
-                return False
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(total_cost=jobs.c.total_cost + amount))
-        return True
+        with _ledger_errors("charge"), self._writing(), self.engine.begin() as conn:
+            return _charge(conn, Charge(job_id, clip_id or "", stage, api_name, money(cost), details or {}))
+
+    def record_charges(self, charges: Iterable[Charge]) -> int:
+        """Record charges an `apply()` could not (its `unrecorded_charges`), creating their jobs if
+        needed; each lands once however often this is called. Returns how many were new."""
+        written = 0
+        for charge in charges:
+            with _ledger_errors("record_charges"), self._writing(), self.engine.begin() as conn:
+                _create_job(conn, charge.job_id)
+                written += _charge(conn, charge)
+        return written
 
     def job_costs(self, job_id: str) -> list[dict]:
+        """The job's charges in the order they landed: stage, api_name, cost (Decimal), clip_id,
+        details, created_at."""
         query = (select(job_costs.c.stage, job_costs.c.api_name, job_costs.c.cost, job_costs.c.clip_id,
                         job_costs.c.details, job_costs.c.created_at)
                  .where(job_costs.c.job_id == job_id).order_by(job_costs.c.id))
-        with self.engine.connect() as conn:
-            return [{**row, "cost": float(row["cost"])} for row in conn.execute(query).mappings()]
+        with _ledger_errors("job_costs"), self.engine.connect() as conn:
+            return [{**row, "cost": money(row["cost"])} for row in conn.execute(query).mappings()]
 
-    def total_cost(self, job_id: str) -> float:
-        with self.engine.connect() as conn:
+    def total_cost(self, job_id: str) -> Decimal:
+        """The job's total (Decimal); LedgerError for a job that does not exist."""
+        with _ledger_errors("total_cost"), self.engine.connect() as conn:
             value = conn.execute(select(jobs.c.total_cost).where(jobs.c.id == job_id)).scalar_one_or_none()
         if value is None:
-            raise KeyError(f"no job {job_id!r}")
-        return float(value)
+            raise LedgerError(f"no job {job_id!r}")
+        return money(value)
 
     def _writing(self):
         return self._write_lock if self._write_lock is not None else nullcontext()
+
+
+def _create_job(conn: Connection, job_id: str) -> None:
+    _upsert(conn, jobs, dict(id=job_id, total_cost=0, created_at=_now()), ("id",))
+
+
+def _charge(conn: Connection, charge: Charge) -> bool:
+    amount = money(charge.cost)
+    # The job's row, locked (FOR UPDATE; SQLite holds its write lock already): a job's charges
+    # queue here, and a missing job is told from a repeated charge without parsing errors.
+    if conn.execute(select(jobs.c.id).where(jobs.c.id == charge.job_id).with_for_update()).first() is None:
+        raise LedgerError(f"no job {charge.job_id!r}: create_job first")
+    row = dict(job_id=charge.job_id, clip_id=charge.clip_id, stage=charge.stage, api_name=charge.api_name,
+               cost=amount, details=json.loads(json.dumps(charge.details, default=str)), created_at=_now())
+    if not _upsert(conn, job_costs, row, _CHARGE_KEY):
+        return False
+    conn.execute(update(jobs).where(jobs.c.id == charge.job_id).values(total_cost=jobs.c.total_cost + amount))
+    return True
+
+
+@contextmanager
+def _ledger_errors(what: str) -> Iterator[None]:
+    """SQLAlchemy's errors as LedgerError: retryable when the connection failed or was lost."""
+    try:
+        yield
+    except LedgerError:
+        raise
+    except (OperationalError, InterfaceError) as exc:
+        raise LedgerError(f"{what}: database unavailable: {exc.orig or exc!r}", retryable=True) from exc
+    except DBAPIError as exc:
+        raise LedgerError(f"{what}: {exc.orig or exc!r}", retryable=exc.connection_invalidated) from exc
+    except SQLAlchemyError as exc:
+        raise LedgerError(f"{what}: {exc!r}") from exc
 
 
 # Dialects with INSERT ... ON CONFLICT; SQLAlchemy gives both the same API.

@@ -83,16 +83,14 @@ def run_job(base: str, store, clips, concurrency: int, use_async: bool, options=
     started = time.perf_counter()
     if use_async:
         async def apply():
-            try:
-                return await AsyncLoraApplicator(**kwargs).apply(job_id, clips, "kling_v21", "char")
-            finally:
-                await backend.aclose()
+            async with AsyncLoraApplicator(**kwargs) as applicator:
+                return await applicator.apply(job_id, clips, "kling_v21", "char")
 
         result = asyncio.run(apply())
     else:
-        result = LoraApplicator(**kwargs).apply(job_id, clips, "kling_v21", "char")
+        with LoraApplicator(**kwargs) as applicator:
+            result = applicator.apply(job_id, clips, "kling_v21", "char")
     elapsed = time.perf_counter() - started
-    backend.close()
     if result.path != "preprocessed" or result.warnings:
         raise RuntimeError(f"the job did not preprocess cleanly: {result.path} {result.warnings}")
     return elapsed
