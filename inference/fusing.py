@@ -5,9 +5,18 @@ LoRA layer runs base + down/up branches. Merged (PEFT's `merge`), a generation r
 The base weight of every merged layer is copied first and copied back to unmerge, never subtracted
 (W + dW - dW != W in floats), so the base model comes back bit for bit and A -> B -> A gives A's
 image again.
+
+The copies are held in half precision wherever that holds them exactly (an fp16 checkpoint loaded
+in fp32, as on the CPU: every base weight is an fp16 value), in one buffer per dtype and device,
+allocated once and reused by every fuse. On the full model in fp32 the fused state held 1.7 GB of
+fp32 clones on top of a 17 GB process: the generation that followed page-faulted its activations in
+anew (3 M faults, ~6 s of system time per 512² step, none in the same process unfused), and fused
+generation ran slower than base. With half-precision copies those faults are gone.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -18,7 +27,9 @@ class Fusing:
     """The layers merged now, each with its base weight as it was before."""
 
     def __init__(self) -> None:
-        self.saved: dict[object, torch.Tensor] = {}
+        self.saved: dict[object, torch.Tensor] = {}  # layer -> its base weight, a view of a buffer below
+        self.buffers: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self._held_as = weakref.WeakKeyDictionary()  # layer -> the dtype its base weight is kept in
 
     @property
     def merged(self) -> bool:
@@ -26,14 +37,43 @@ class Fusing:
 
     def fuse(self, layers: list, adapter_names: list[str]) -> None:
         """Merge `adapter_names` into every layer that has any of them (layers unmerged before)."""
+        targets = [(layer, here) for layer in layers if (here := [n for n in adapter_names if n in layer.lora_A])]
+        views = self._views([(layer.get_base_layer().weight, self._dtype_for(layer)) for layer, _ in targets])
         with torch.no_grad():  # adapter weights may still require grad (set_active_adapters leaves the flag)
-            for layer in layers:
-                here = [name for name in adapter_names if name in layer.lora_A]
-                if here:
-                    self.saved[layer] = layer.get_base_layer().weight.detach().clone()
-                    layer.merge(adapter_names=here)
+            for (layer, here), view in zip(targets, views):
+                view.copy_(layer.get_base_layer().weight)
+                self.saved[layer] = view
+                layer.merge(adapter_names=here)
 
     def unfuse(self) -> None:
         for layer, weight in self.saved.items():
             restore_base_weight(layer, weight)
         self.saved.clear()
+
+    def _dtype_for(self, layer) -> torch.dtype:
+        """float16 when it holds this layer's base weight exactly, else the weight's own dtype
+        (decided once per layer: a base weight is the same at every fuse)."""
+        if layer not in self._held_as:
+            weight = layer.get_base_layer().weight
+            exact = weight.dtype == torch.float32 and torch.equal(weight.to(torch.float16).to(weight.dtype), weight)
+            self._held_as[layer] = torch.float16 if exact else weight.dtype
+        return self._held_as[layer]
+
+    def _views(self, weights: list[tuple[torch.Tensor, torch.dtype]]) -> list[torch.Tensor]:
+        """A place shaped like each weight, in the dtype given, carved from the buffer of that dtype
+        and the weight's device (grown, once, when these weights need more than it holds)."""
+        needed: dict[tuple, int] = {}
+        for weight, dtype in weights:
+            key = (dtype, weight.device)
+            needed[key] = needed.get(key, 0) + weight.numel()
+        for key, count in needed.items():
+            if key not in self.buffers or self.buffers[key].numel() < count:
+                self.buffers.pop(key, None)
+                self.buffers[key] = torch.empty(count, dtype=key[0], device=key[1])
+        offsets = dict.fromkeys(needed, 0)
+        views = []
+        for weight, dtype in weights:
+            key = (dtype, weight.device)
+            views.append(self.buffers[key][offsets[key]:offsets[key] + weight.numel()].view(weight.shape))
+            offsets[key] += weight.numel()
+        return views
