@@ -111,7 +111,8 @@ def test_the_json_schema_carries_every_integer_bound():
 
 
 NOT_URLS = ["ก ำกำ", "/etc/passwd", "file:///etc/passwd", "ftp://host/a.safetensors", "https://", "s3:/bucket/key",
-            "https://host/a b.safetensors", "https://host/a\n.safetensors", "hf://org/repo/a.safetensors"]
+            "https://host/a b.safetensors", "https://host/a\n.safetensors", "hf://org/repo/a.safetensors",
+            "https://[::1/a.safetensors", "https://host:99999/a.safetensors"]  # the last two: urllib cannot split them
 
 
 @pytest.mark.parametrize("url", NOT_URLS)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 
 class ErrorCode(StrEnum):
@@ -69,8 +70,18 @@ ImageCount = json_int(ge=1, le=8)
 
 # A LoRA source is a URL of one of three schemes; anything else is an invalid request, not a failed
 # download. The pattern reaches the JSON Schema, so generated clients and fuzzers see the same rule.
+def _parsable_url(url: str) -> str:
+    """What the pattern cannot see: a URL that urllib refuses to split (an unclosed `[` host, say)."""
+    try:
+        urlsplit(url).port
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    return url
+
+
 LoraUrl = Annotated[str, Field(min_length=1, max_length=4096, pattern=r"^(https?|s3)://[^\s]+$",
-                               description="https://, http:// or s3:// location of the .safetensors file")]
+                               description="https://, http:// or s3:// location of the .safetensors file"),
+                    AfterValidator(_parsable_url)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$")]
 
 
