@@ -20,6 +20,15 @@ def tiny_model(tmp_path_factory) -> Path:
     return write_model(tmp_path_factory.mktemp("model") / "tiny-sdxl", size="tiny", seed=0)
 
 
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    """One engine per test module, room for two resident adapters (modules that need another
+    shape define their own `engine`)."""
+    from inference.pipeline import Engine
+
+    return Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
+
+
 @pytest.fixture(scope="session")
 def lora_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("loras")

@@ -34,13 +34,6 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    from inference.pipeline import Engine
-
-    return Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
-
-
-@pytest.fixture(scope="module")
 def lora_server(tmp_path_factory, make_lora):
     """a: UNet + text encoders (rank 4, ~220 KB); b: UNet only, rank 16 (~670 KB)."""
     root = tmp_path_factory.mktemp("served")

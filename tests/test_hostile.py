@@ -30,6 +30,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -143,6 +144,14 @@ def test_every_generated_request_gets_a_documented_answer(api_schema, api_base, 
 DEPENDENCY_FAILURES = {(424, "lora_download_failed"), (422, "lora_invalid"), (422, "image_invalid")}
 
 
+def _splits(url: str) -> bool:
+    try:
+        urlsplit(url).port
+    except ValueError:
+        return False
+    return True
+
+
 def rule_beyond_the_schema(body) -> list[str]:
     """The request rules JSON Schema does not carry: a body that fits the schema but breaks one of them
     is refused as invalid_request, saying why. Returns what the message must say, in the order the
@@ -161,6 +170,8 @@ def rule_beyond_the_schema(body) -> list[str]:
     urls = [lora.get("url") for lora in body.get("loras") or [] if isinstance(lora, dict)]
     if any(isinstance(url, str) and "\x85" in url for url in urls):  # whitespace to pydantic's \s, not to ECMA's
         fields.append("String should match pattern")
+    if any(isinstance(url, str) and not _splits(url) for url in urls):  # "http://[", a port past 65535
+        fields.append("not a URL")
     if fields:
         return fields
     if (body.get("width") is None) != (body.get("height") is None):

@@ -34,13 +34,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    from inference.pipeline import Engine
-
-    return Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
-
-
-@pytest.fixture(scope="module")
 def files(tmp_path_factory, make_lora):
     root = tmp_path_factory.mktemp("served")
     (root / "a.safetensors").write_bytes(make_lora(seed=1, text_encoders=True).read_bytes())

@@ -25,13 +25,6 @@ WAIT_S = 120  # an upper bound for a loaded machine, never a measurement
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model):
-    from inference.pipeline import Engine
-
-    return Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
-
-
-@pytest.fixture(scope="module")
 def lora_server(tmp_path_factory, make_lora):
     root = tmp_path_factory.mktemp("served")
     for name, seed, fmt in (("a", 1, "diffusers"), ("k", 2, "kohya"), ("bundle", 3, "replicate")):

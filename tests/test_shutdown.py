@@ -35,8 +35,13 @@ def queue_depth(base: str) -> float:
     return -1.0
 
 
-def body(steps: int, seed: int) -> dict:
-    return {"prompt": "a character portrait", "num_inference_steps": steps, "width": 64, "height": 64, "seed": seed}
+# The running request must outlast the others' arrival (0.1 s apart) by far, on a quiet machine too:
+# a 64² tiny image takes ~0.01 s a step there, so it runs at 256² (~0.02 s a step, 100 steps ~2 s).
+RUNNING_SIDE = 256
+
+
+def body(steps: int, seed: int, side: int = 64) -> dict:
+    return {"prompt": "a character portrait", "num_inference_steps": steps, "width": side, "height": side, "seed": seed}
 
 
 def sigterm_with_a_queue(tiny_model: Path, tmp_path: Path, grace_s: float, steps: int, queued_steps: int):
@@ -44,13 +49,14 @@ def sigterm_with_a_queue(tiny_model: Path, tmp_path: Path, grace_s: float, steps
     `queued_steps`), SIGTERM it; return the answers and how long the process took to exit."""
     proc, base, log = start_service(tiny_model, tmp_path / "cache", grace_s)
     try:
-        warm = httpx.post(f"{base}/v1/generate", json=body(steps, 0), timeout=300)  # also sets the recent-time estimate
+        warm = httpx.post(f"{base}/v1/generate", json=body(steps, 0, RUNNING_SIDE), timeout=300)  # also sets the recent-time estimate
         assert warm.status_code == 200, warm.text[:300]
         answers: dict[int, httpx.Response | Exception] = {}
 
         def call(i: int) -> None:
             try:
-                answers[i] = httpx.post(f"{base}/v1/generate", json=body(queued_steps if i else steps, i), timeout=300)
+                running = body(steps, i, RUNNING_SIDE)
+                answers[i] = httpx.post(f"{base}/v1/generate", json=body(queued_steps, i) if i else running, timeout=300)
             except Exception as exc:  # a lost request (reset, empty reply) shows up here
                 answers[i] = exc
 
@@ -99,7 +105,7 @@ def assert_every_request_answered(answers: dict) -> tuple[list, list]:
 def test_sigterm_finishes_the_running_request_and_answers_the_queue_busy(tiny_model, tmp_path):
     """Grace 0: the running generation completes, the queue is answered busy at once, the process
     exits as soon as the running one is done (well before the queue could have been worked off)."""
-    answers, exit_s, warm, after, returncode = sigterm_with_a_queue(tiny_model, tmp_path, grace_s=0, steps=25,
+    answers, exit_s, warm, after, returncode = sigterm_with_a_queue(tiny_model, tmp_path, grace_s=0, steps=100,
                                                                    queued_steps=25)
     done, busy = assert_every_request_answered(answers)
     assert len(done) == 1 and len(busy) == WAITING
@@ -114,7 +120,7 @@ def test_sigterm_finishes_the_running_request_and_answers_the_queue_busy(tiny_mo
 
 def test_sigterm_with_enough_grace_works_off_the_queue(tiny_model, tmp_path):
     """A grace period that covers the queue: every request is done, then the process exits."""
-    answers, exit_s, warm, after, _ = sigterm_with_a_queue(tiny_model, tmp_path, grace_s=300, steps=25, queued_steps=2)
+    answers, exit_s, warm, after, _ = sigterm_with_a_queue(tiny_model, tmp_path, grace_s=300, steps=100, queued_steps=2)
     done, busy = assert_every_request_answered(answers)
     assert len(done) == 1 + WAITING and busy == []
     assert isinstance(after, httpx.ConnectError)
