@@ -110,10 +110,11 @@ def test_sigterm_finishes_the_running_request_and_answers_the_queue_busy(tiny_mo
     done, busy = assert_every_request_answered(answers)
     assert len(done) == 1 and len(busy) == WAITING
     one_generation = warm.json()["timings_ms"]["total"] / 1e3
-    # The queue was answered busy above, not worked off; the exit follows the running generation. The
-    # bound is in generations (the warm-up's time is the yardstick on a loaded machine too), plus the
+    # The queue was answered busy above, not worked off; the exit follows the running generation, at
+    # its usual speed (a drain loop that spun on the event loop once made it take ~7x its warm time).
+    # The bound is in generations (the warm-up is the yardstick on a loaded machine too) plus the
     # process's own stop.
-    assert exit_s < one_generation * (1 + WAITING) + 10, (exit_s, one_generation)
+    assert exit_s < one_generation * 2 + 3, (exit_s, one_generation)
     assert isinstance(after, httpx.ConnectError)
     assert returncode == -signal.SIGTERM, "uvicorn re-raises the signal it handled (exit status 143), as the README says"
 
