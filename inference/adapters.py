@@ -2,7 +2,8 @@
 
 A new LoRA comes prepared (`inference.prepared`: read, verified, parsed, preflighted before the
 lock). The least recently used adapter makes room for it: its layers are reused for a UNet LoRA
-they can hold (`inference.hotswap`), otherwise it is deleted and the new one injected. Before each
+they can hold (`inference.hotswap`), otherwise it is deleted and the new one injected: into the
+layers PEFT already wrapped when it fits them (`inference.direct_injection`), else by PEFT. Before each
 generation exactly the request's LoRAs are made active at their scales, through PEFT's per-layer
 API on a cached list of the LoRA layers; with fusing on, they are then merged into the weights
 (`inference.fusing`). A bundle's tokens ride along with its adapter (`inference.bundle_tokens`).
@@ -23,9 +24,10 @@ import torch
 
 from inference.bundle_tokens import load_tokens, rewrite_prompt, unload_tokens
 from inference.errors import ErrorCode, ServiceError
+from inference.direct_injection import inject_into_wrapped, wrapped_plan
 from inference.fusing import Fusing
 from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
-from inference.lora_compat import LoraSummary, LoraWeights
+from inference.lora_compat import LoraSummary
 from inference.lora_store import LoraFile
 from inference.peft_internals import hotswap_refusal, load_into_pipeline, set_active_adapters
 from inference.prepared import PreparedLora, prepare
@@ -161,21 +163,32 @@ class AdapterCache:
         if tokens is None:
             tokens = self._load_tokens(ready)
         try:
-            self._inject(name, lora, ready.weights)
+            self._inject(name, ready)
         except Exception:
             self._unload_tokens(tokens)
             raise
         self._resident[lora.sha256] = ResidentAdapter(name=name, lora=lora, summary=summary, uses=1, tokens=tokens)
         return name, lora.source
 
-    def _inject(self, name: str, lora: LoraFile, weights: LoraWeights, hotswap: bool = False) -> None:
-        """diffusers' component loaders on the tensors already read; on any failure nothing is left."""
-        self._forget_layers()
+    def _inject(self, name: str, ready: PreparedLora, hotswap: bool = False) -> None:
+        """A new adapter (or, with `hotswap`, new weights for adapter `name` through diffusers): into
+        the layers PEFT already wrapped when it fits them (`inference.direct_injection`: no walk over
+        the model), else through diffusers' component loaders. On any failure nothing is left."""
+        lora = ready.lora
+        plan = None if hotswap or ready.unet is None else wrapped_plan(dict(self._named_unet_layers()), ready.unet)
+        self.fusing.unfuse()
+        self._active_state = None
+        if plan is None:
+            self._layers = None  # PEFT may wrap more layers
         started = time.perf_counter()
         try:
             with transformers_errors_only():
-                load_into_pipeline(self.pipe, weights.state_dict, adapter_name=name,
-                                   network_alphas=weights.network_alphas, metadata=weights.metadata, hotswap=hotswap)
+                if plan is not None:
+                    inject_into_wrapped(self.pipe.unet, name, plan, ready.unet)
+                else:
+                    load_into_pipeline(self.pipe, ready.weights.state_dict, adapter_name=name,
+                                       network_alphas=ready.weights.network_alphas, metadata=ready.weights.metadata,
+                                       hotswap=hotswap)
         except Exception as exc:
             self._purge(name)
             if isinstance(exc, ServiceError):
@@ -189,8 +202,8 @@ class AdapterCache:
             if "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
                 raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}") from exc
             raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}") from exc
-        log.info("adapter %s %s for %r in %.0f ms", name, "hot-swapped" if hotswap else "injected", lora.lora_id,
-                 (time.perf_counter() - started) * 1e3)
+        how = "hot-swapped" if hotswap else "added to the wrapped layers" if plan is not None else "injected"
+        log.info("adapter %s %s for %r in %.0f ms", name, how, lora.lora_id, (time.perf_counter() - started) * 1e3)
 
     def _load_tokens(self, ready: PreparedLora) -> dict[str, str]:
         try:
@@ -225,7 +238,7 @@ class AdapterCache:
         if refusal:
             log.info("not hot-swapping %r into %s: %r", lora.lora_id, name, refusal[:200])
             return False
-        self._inject(name, lora, ready.weights, hotswap=True)
+        self._inject(name, ready, hotswap=True)
         give_each_module_its_scaling(self._named_unet_layers(), name, unet_lora)
         return True
 

@@ -93,3 +93,38 @@ def set_active_adapters(layer, adapter_names: list[str]) -> None:
     if adapter_names:
         layer._active_adapter = list(adapter_names)
     layer._disable_adapters = not adapter_names
+
+
+def is_plain_lora_linear(layer) -> bool:
+    """A PEFT LoRA layer over an nn.Linear (not Conv, Embedding, a quantized or parameter wrapper),
+    the one kind `add_adapter_to_layer` fills."""
+    from peft.tuners.lora.layer import Linear
+
+    return type(layer) is Linear and isinstance(layer.get_base_layer(), torch.nn.Linear)
+
+
+def add_adapter_to_layer(layer, adapter_name: str, rank: int, alpha: float, config: Any, module_path: str,
+                         down: torch.Tensor, up: torch.Tensor) -> None:
+    """Add adapter `adapter_name` with these weights to a PEFT LoRA Linear that already exists.
+
+    `update_layer` with the arguments PEFT's `_create_and_replace` gives an existing LoRA layer,
+    under the meta device (as PEFT's `low_cpu_mem_usage` does: no allocation, no init), then the
+    weights assigned on the base layer's device and dtype, where PEFT's loading puts them."""
+    with torch.device("meta"):
+        layer.update_layer(adapter_name, rank, lora_alpha=alpha, target_name=module_path, config=config)
+    weight = layer.get_base_layer().weight
+    with torch.no_grad():
+        layer.lora_A[adapter_name].weight = torch.nn.Parameter(down.to(weight.device, weight.dtype),
+                                                               requires_grad=False)
+        layer.lora_B[adapter_name].weight = torch.nn.Parameter(up.to(weight.device, weight.dtype),
+                                                               requires_grad=False)
+    layer.lora_dropout[adapter_name].train(layer.training)
+
+
+def register_adapter_config(model, adapter_name: str, config: Any) -> None:
+    """What PEFT's injection and diffusers' loader record on the model for a new adapter: its config
+    in `peft_config` (which diffusers deletes with the last adapter) and the loaded flag."""
+    if getattr(model, "peft_config", None) is None:
+        model.peft_config = {}
+    model.peft_config[adapter_name] = config
+    model._hf_peft_config_loaded = True

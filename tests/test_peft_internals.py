@@ -88,3 +88,28 @@ def test_rank_alpha_writes_and_exact_base_weight_restore_on_a_real_layer(pipe, m
         assert layer.merged_adapters == [] and torch.equal(layer.get_base_layer().weight, base)
     finally:
         pipe.delete_adapters(["probe"])
+
+
+def test_an_adapter_added_to_a_wrapped_layer_is_peft_shaped_and_carries_the_given_weights(pipe, make_lora):
+    weights = read_lora(pipe, make_lora(seed=9))
+    peft_internals.load_into_pipeline(pipe, weights.state_dict, adapter_name="probe", network_alphas=None,
+                                      metadata=weights.metadata)
+    try:
+        path, layer = unet_layers(pipe, "probe")[0]
+        assert peft_internals.is_plain_lora_linear(layer)
+        assert not peft_internals.is_plain_lora_linear(layer.get_base_layer())
+        config = pipe.unet.peft_config["probe"]
+        down = torch.randn(2, layer.in_features, dtype=torch.float16)  # cast to the base layer's dtype
+        up = torch.randn(layer.out_features, 2)
+        peft_internals.register_adapter_config(pipe.unet, "added", config)
+        peft_internals.add_adapter_to_layer(layer, "added", 2, 3.0, config, path, down, up)
+        assert pipe.unet.peft_config["added"] is config and pipe.unet._hf_peft_config_loaded
+        assert layer.r["added"] == 2 and layer.lora_alpha["added"] == 3.0 and layer.scaling["added"] == 1.5
+        for module, expected in ((layer.lora_A["added"], down), (layer.lora_B["added"], up)):
+            weight = module.weight
+            assert weight.device.type == "cpu" and weight.dtype == layer.get_base_layer().weight.dtype
+            assert torch.equal(weight, expected.float())
+        assert layer.active_adapters == ["probe"], "adding an adapter activates nothing"
+    finally:
+        pipe.delete_adapters(["probe", "added"])
+    assert unet_layers(pipe, "added") == [] and not getattr(pipe.unet, "peft_config", None)
