@@ -17,7 +17,8 @@ def test_adapters_bench_reports_every_variant():
     from sdxl_lora_tools.bench.adapters import run
 
     result = run(size="tiny", rank=4, loras=3, repeats=1, steps=1, as_json=True)
-    for key in ("naive_reload_ms", "cold_load_ms", "cold_locked_ms", "hotswap_ms", "hotswap_locked_ms",
+    for key in ("naive_reload_ms", "cold_load_ms", "cold_locked_ms", "first_cold_load_ms", "first_cold_locked_ms",
+                "hotswap_ms", "hotswap_locked_ms",
                 "resident_switch_ms", "base_generate_ms", "lora_generate_ms"):
         assert result[key] > 0
     assert result["cold_locked_ms"] < result["cold_load_ms"]

@@ -86,7 +86,8 @@ def test_the_gpu_benchmark_runs_dry_against_the_carried_wheels_alone(gpu_like_pa
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["dry"] is True and result["startup_s"] > 0
-    for key in ("cold_load_ms", "cold_locked_ms", "hotswap_ms", "resident_switch_ms", "naive_reload_ms",
+    for key in ("cold_load_ms", "cold_locked_ms", "first_cold_locked_ms", "hotswap_ms", "resident_switch_ms",
+                "naive_reload_ms",
                 "base_generate_ms", "lora_generate_ms", "fused_generate_ms", "flop_floor_ms"):
         assert result[key] > 0, key
     assert set(result["switch_ms_by_resident"]) == {"2", "8", "16"}
