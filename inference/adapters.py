@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from inference.bundle_tokens import load_tokens, rewrite_prompt, unload_tokens
-from inference.errors import ErrorCode, ServiceError
 from inference.direct_injection import inject_into_wrapped, wrapped_plan
+from inference.errors import ErrorCode, ServiceError
 from inference.fusing import Fusing
 from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
 from inference.lora_compat import LoraSummary
@@ -176,10 +176,11 @@ class AdapterCache:
         the model), else through diffusers' component loaders. On any failure nothing is left."""
         lora = ready.lora
         plan = None if hotswap or ready.unet is None else wrapped_plan(dict(self._named_unet_layers()), ready.unet)
-        self.fusing.unfuse()
-        self._active_state = None
         if plan is None:
-            self._layers = None  # PEFT may wrap more layers
+            self._forget_layers()  # PEFT may wrap more layers
+        else:
+            self.fusing.unfuse()  # the layer list stays: the adapter goes into layers already in it
+            self._active_state = None
         started = time.perf_counter()
         try:
             with transformers_errors_only():

@@ -1,7 +1,8 @@
 """A cached file is what its sha256 says, checked as it is read into the pipeline.
 
 The file is read once, into one buffer, and hashed chunk by chunk as the chunks land (still in the
-CPU's cache); its tensors are then views of that same buffer (`inference.safetensors_buffer`), so
+CPU's cache): each chunk is hashed in a second thread while the next one is read (both release
+the GIL), so with a core free the hash hides behind the read; its tensors are then views of that same buffer (`inference.safetensors_buffer`), so
 verifying costs no second read and no second copy. A mismatch (a flipped bit on disk, a partial
 overwrite, a cache written by something else) raises `CorruptEntry`: the service then evicts the
 entry and fetches it again, instead of serving other bytes under the sha256 the response names.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -33,18 +35,23 @@ def read_verified(path: Path, expected_sha256: str | None, pin_memory: bool = Fa
 
     FileNotFoundError passes through (another worker evicted the file: the caller fetches again).
     """
-    with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="sha256") as hasher:
         size = os.fstat(f.fileno()).st_size
         buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin_memory)
         view = memoryview(buffer.numpy())
         digest = hashlib.sha256()
         done = 0
+        hashing = None  # the previous chunk's hash, running while this chunk is read
         while done < size:
             got = f.readinto(view[done:done + CHUNK_BYTES])
             if not got:  # shrank while being read: what was read cannot hash to the expected value
                 break
-            digest.update(view[done:done + got])
+            if hashing is not None:
+                hashing.result()  # in order: one chunk at a time
+            hashing = hasher.submit(digest.update, view[done:done + got])
             done += got
+        if hashing is not None:
+            hashing.result()
     if expected_sha256 is not None:
         actual = digest.hexdigest()
         if done != size or actual != expected_sha256:

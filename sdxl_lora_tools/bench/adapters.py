@@ -13,6 +13,10 @@ hotswap        cold_load when the cache is full (the steady state): its weights 
 resident_switch our path when the LoRA is resident (activation only), adapters unfused
 switch_ms_by_resident  resident_switch with 2, 8 and 16 adapters resident (flat: the same for each)
 fused_switch   the same with fusing on (the CUDA default): copy the base weights back, merge the new LoRA
+read_verified  reading the LoRA file as a cold load does: into one buffer, each chunk hashed (sha256) in a
+               second thread while the next is read
+read_plain     the same read without hashing: read_verified - read_plain is what verification adds
+hash           sha256 of the same bytes already in memory, in one thread: verification's CPU cost
 base/lora_generate  one generation without LoRA / with one resident LoRA active, unfused
 fused_generate the same generation with the LoRA merged into the weights
 """
@@ -20,6 +24,7 @@ fused_generate the same generation with the LoRA merged into the weights
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 
 from sdxl_lora_tools.bench.common import (BENCH_CACHE, RESIDENT_COUNTS, Samples, cold_load, emit_json, lora_files,
@@ -28,6 +33,7 @@ from sdxl_lora_tools.bench.common import (BENCH_CACHE, RESIDENT_COUNTS, Samples,
 
 def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, steps: int = 2,
         resolution: int | None = None, device: str = "auto", as_json: bool = False) -> dict:
+    from inference.integrity import read_verified
     from inference.lora_store import LoraStore
     from inference.pipeline import Engine, GenerationJob
 
@@ -68,6 +74,12 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         # ours, LoRA not resident (file on disk), cache has room, layers wrapped by an earlier LoRA
         engine.adapters.clear()
         cold("cold_load_ms", "cold_locked_ms", files[i])
+        lora_path = files[i].path
+        samples.time("read_verified_ms", lambda: read_verified(lora_path, files[i].sha256))
+        samples.time("read_plain_ms", lambda: read_plain(lora_path))
+        data = lora_path.read_bytes()
+        samples.time("hash_ms", lambda: hashlib.sha256(data).hexdigest())
+        del data
         # ours, cache full of the others: the new one is hot-swapped into the LRU adapter
         engine.adapters.clear()
         others = [f for f in files[:loras] if f is not files[i]]
@@ -96,6 +108,8 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
         hotswap_over_naive=result["hotswap_ms"] / result["naive_reload_ms"],
         resident_over_naive=result["resident_switch_ms"] / result["naive_reload_ms"],
         cold_over_naive=result["cold_load_ms"] / result["naive_reload_ms"],
+        verify_share_of_cold_load=(result["read_verified_ms"] - result["read_plain_ms"]) / result["cold_load_ms"],
+        hash_share_of_cold_load=result["hash_ms"] / result["cold_load_ms"],
         first_cold_over_naive=result["first_cold_load_ms"] / result["naive_reload_ms"],
         first_cold_locked_over_naive=result["first_cold_locked_ms"] / result["naive_reload_ms"],
         lora_over_base=result["lora_generate_ms"] / result["base_generate_ms"],
@@ -116,8 +130,27 @@ def run(size: str = "tiny", rank: int = 32, loras: int = 4, repeats: int = 5, st
               f"first cold/naive {result['first_cold_over_naive']:.3f} "
               f"(locked {result['first_cold_locked_over_naive']:.3f})  "
               f"hotswap/naive {result['hotswap_over_naive']:.3f}  "
+              f"verification/cold load {result['verify_share_of_cold_load']:.3f} "
+              f"(sha256 CPU {result['hash_share_of_cold_load']:.3f})  "
               f"lora/base generate {result['lora_over_base']:.3f}  fused/base {result['fused_over_base']:.3f}")
     return result
+
+
+def read_plain(path) -> None:
+    """A file read into one fresh buffer in the cold path's chunks, without hashing (the baseline of
+    what verification adds)."""
+    import os
+
+    import torch
+
+    from inference.integrity import CHUNK_BYTES
+
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        view = memoryview(torch.empty(size, dtype=torch.uint8).numpy())
+        done = 0
+        while done < size and (got := f.readinto(view[done:done + CHUNK_BYTES])):
+            done += got
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,6 +89,7 @@ class Samples:
 
 
 RESIDENT_COUNTS = (2, 8, 16)  # switch_ms_by_resident: adapters resident while switching
+SWITCH_SAMPLES = 100  # switches timed per resident count: a switch is ~2 ms, its median needs many
 
 
 def no_sync() -> None:
@@ -121,7 +122,7 @@ def switch_ms_by_resident(engine, files: list, repeats: int, sync: Callable[[], 
             for lora in files[len(adapters.resident()):count]:
                 adapters.activate([(lora, 1.0)])
             times = []
-            for i in range(2 * repeats):
+            for i in range(max(SWITCH_SAMPLES, 2 * repeats)):
                 sync()
                 started = time.perf_counter()
                 adapters.activate([(files[i % 2], 1.0)])
