@@ -36,6 +36,9 @@ from inference.quiet import transformers_errors_only
 log = logging.getLogger(__name__)
 
 LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+# The UNet modules SDXL LoRA trainers target: diffusers' train_dreambooth_lora_sdxl.py and
+# Replicate's cog-sdxl (attention projections); kohya's add feed-forward and projection layers.
+USUAL_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @dataclass
@@ -88,6 +91,18 @@ class AdapterCache:
         return names
 
     # -- mutation (engine lock held) -----------------------------------------------------------
+
+    def wrap_usual_targets(self) -> None:
+        """Wrap the UNet modules trainers usually target in PEFT LoRA layers holding no adapter, so a
+        worker's first LoRA, too, is added without PEFT's walk over the model
+        (`inference.direct_injection`). A LoRA layer without adapters computes its base layer alone:
+        the base image is unchanged bit for bit."""
+        from peft import LoraConfig
+
+        self._forget_layers()
+        with transformers_errors_only():
+            self.pipe.unet.add_adapter(LoraConfig(r=1, target_modules=USUAL_UNET_TARGETS), adapter_name="wrapping")
+            self.pipe.unet.delete_adapters("wrapping")
 
     def activate(self, loras: list[tuple[LoraFile, float]],
                  prepared: dict[str, PreparedLora] | None = None) -> list[str]:

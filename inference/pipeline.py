@@ -133,6 +133,7 @@ class Engine:
         # auto: fused on CUDA, where unfused LoRA layers cost most; on CPU a switch would pay the merge
         fuse = self.device.type == "cuda" if fuse_adapters == "auto" else fuse_adapters in (True, "on")
         self.adapters = AdapterCache(self.txt2img, max_resident_adapters, fuse=fuse)
+        self.adapters.wrap_usual_targets()
         self.lock = threading.Lock()
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s (%s) in %.1f s", model, self.device, self.dtype, self.load_seconds)

@@ -181,6 +181,7 @@ def lora_target_layers(pipe, text_encoders: bool = False) -> dict[str, torch.nn.
     layers = {}
     for prefix, model, targets in components:
         for name, module in model.named_modules():
+            name = name.removesuffix(".base_layer")  # a layer PEFT wrapped (the engine wraps at start)
             if isinstance(module, torch.nn.Linear) and any(name.endswith("." + t) for t in targets):
                 if prefix == "unet" and ".attentions." not in name and not name.startswith("mid_block.attentions"):
                     continue
