@@ -103,6 +103,7 @@ class AdapterCache:
         with transformers_errors_only():
             self.pipe.unet.add_adapter(LoraConfig(r=1, target_modules=USUAL_UNET_TARGETS), adapter_name="wrapping")
             self.pipe.unet.delete_adapters("wrapping")
+        self._named_layers()  # the layer list, walked now rather than under a request's lock
 
     def activate(self, loras: list[tuple[LoraFile, float]],
                  prepared: dict[str, PreparedLora] | None = None) -> list[str]:
