@@ -145,7 +145,7 @@ def test_an_eviction_by_one_process_never_breaks_a_load_in_the_other(pair, lora_
     reference = image(generate(b, lora_files, x))  # X now on disk (downloaded by B); never resident in A
     assert cached(cache_dir, lora_files, x)
     answers: dict[str, httpx.Response] = {}
-    slow = threading.Thread(target=lambda: answers.update(slow=generate(a, lora_files, steps=100, size=128)))
+    slow = threading.Thread(target=lambda: answers.update(slow=generate(a, lora_files, steps=100, size=256)))
     slow.start()
     time.sleep(0.5)  # A is generating
     load = threading.Thread(target=lambda: answers.update(x=generate(a, lora_files, x)))
