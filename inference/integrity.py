@@ -2,8 +2,8 @@
 
 The file is read once, into one buffer, and hashed chunk by chunk as the chunks land (still in the
 CPU's cache): each chunk is hashed in a second thread while the next one is read (both release
-the GIL), so with a core free the hash hides behind the read; its tensors are then views of that same buffer (`inference.safetensors_buffer`), so
-verifying costs no second read and no second copy. A mismatch (a flipped bit on disk, a partial
+the GIL), so with a core free the hash hides behind the read. Its tensors are then views of that
+same buffer (`inference.safetensors_buffer`), so verifying costs no second read and no second copy. A mismatch (a flipped bit on disk, a partial
 overwrite, a cache written by something else) raises `CorruptEntry`: the service then evicts the
 entry and fetches it again, instead of serving other bytes under the sha256 the response names.
 """

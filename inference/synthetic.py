@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from inference.adapters import USUAL_UNET_TARGETS
 from inference.quiet import quiet_libraries
 
 # SDXL-base's configurations, as published with stabilityai/stable-diffusion-xl-base-1.0.
@@ -87,7 +88,7 @@ SIZES = {
     "full": (FULL_UNET, FULL_TEXT_ENCODER, FULL_TEXT_ENCODER_2, FULL_VAE),
 }
 
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+UNET_TARGETS = tuple(USUAL_UNET_TARGETS)  # what the engine wraps at start: the trainers' usual targets
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 LORA_FORMATS = ("diffusers", "kohya", "replicate")
 PIVOTAL_TOKENS = 2  # Replicate bundles: random embeddings for <s0><s1>
