@@ -28,7 +28,7 @@ from inference.errors import ErrorCode, ServiceError
 from inference.fusing import Fusing
 from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
 from inference.lora_compat import LoraSummary
-from inference.lora_store import LoraFile
+from inference.lora_file import LoraFile
 from inference.peft_internals import hotswap_refusal, load_into_pipeline, set_active_adapters
 from inference.prepared import PreparedLora, prepare
 from inference.quiet import transformers_errors_only

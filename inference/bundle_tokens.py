@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 
 from inference.errors import ErrorCode, ServiceError
-from inference.lora_store import LoraFile
+from inference.lora_file import LoraFile
 
 TRAINER_TOKEN = re.compile(r"<s\d+>")
 

@@ -1,8 +1,9 @@
-"""SSRF-safe streaming downloads of user-supplied URLs (LoRA files, reference images), and local reads.
+"""SSRF-safe streaming downloads over http(s) (LoRA files, reference images), and the one copy loop.
 
-`fetch_to_file` streams an ``http://``, ``https://`` or ``s3://bucket/key`` URL into an open binary
-file, `read_local` a local path or ``file://`` URL; all of them through one loop, `copy_capped`,
-which enforces the size cap and the overall `Deadline` on every chunk.
+`fetch_http` streams an ``http://`` or ``https://`` URL into an open binary file through
+`copy_capped`, the loop every source uses (`inference.sources` adds ``s3://`` and local files, and
+decides which scheme goes where), which enforces the size cap and the overall `Deadline` on every
+chunk.
 
 http(s) runs on httpx with a resolve / validate / pin / redirect loop of its own around
 `rp_ssrf.is_safe_address` (rp_ssrf's `safe_get` is built on requests and its escape hatch is a
@@ -29,8 +30,6 @@ by the read timeout (`timeout_s`, or the time left when the request was sent if 
 at most one read timeout after its deadline, with no watchdog thread (tests/test_fetch.py: drip
 and stall tests).
 
-``s3://`` is not SSRF-guarded: endpoint and credentials are the deployer's configuration (boto3's
-credential chain), not the caller's; the size is checked with ``head_object`` before streaming.
 Callers turn a `FetchError` into their own error code. Messages never show a query string
 (presigned URLs carry credentials there).
 """
@@ -42,12 +41,8 @@ import ipaddress
 import os
 import socket
 import ssl
-import stat
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import BinaryIO, Literal
-from urllib.parse import urlsplit
-from urllib.request import url2pathname
 
 import httpx
 
@@ -85,7 +80,7 @@ class FetchError(Exception):
         return self.kind == "refused"
 
 
-def _too_slow(deadline: Deadline, source: str) -> FetchError:
+def too_slow(deadline: Deadline, source: str) -> FetchError:
     return FetchError(f"the download from {source} took longer than {deadline.seconds:g} s and was abandoned")
 
 
@@ -101,80 +96,11 @@ def copy_capped(chunks: Iterable[bytes], dest: BinaryIO, *, max_bytes: int, dead
     for chunk in chunks:
         total += len(chunk)
         if total > max_bytes:
-            raise _too_large(source, max_bytes)
+            raise too_large(source, max_bytes)
         if deadline is not None and deadline.expired:
-            raise _too_slow(deadline, source)
+            raise too_slow(deadline, source)
         dest.write(chunk)
     return total
-
-
-def fetch_to_file(url: str, dest: BinaryIO, *, allow_private: bool, max_bytes: int, timeout_s: float,
-                  deadline_s: float | None = None, deadline: Deadline | None = None,
-                  s3_client_factory: Callable[[], object] | None = None) -> int:
-    """Stream `url` (https, http or s3) into `dest`; return the number of bytes written.
-
-    `timeout_s` bounds connecting and each wait for data. The whole fetch is bounded by `deadline`
-    when given (e.g. one shared by a whole request), else by one `deadline_s` from now (default:
-    `timeout_s` plus `max_bytes` at `MIN_AVERAGE_BYTES_PER_S`); an http(s) fetch ends at most
-    `timeout_s` past it. `s3_client_factory` returns the boto3 client for s3:// (default: a new
-    `make_s3_client(None)`). Raises `FetchError`. On error, `dest` may hold part of the body: the
-    caller owns cleaning it up.
-    """
-    try:
-        scheme = urlsplit(url).scheme.lower()
-    except ValueError as exc:  # e.g. an unbalanced [ in the host
-        raise FetchError("refused: not a valid URL", kind="refused") from exc
-    if scheme in ("http", "https"):
-        from runpod.serverless.utils import rp_ssrf  # noqa: F401 (its first import takes ~2 s: before the clock)
-    elif scheme != "s3":
-        raise FetchError(f"unsupported URL scheme {scheme + ':' if scheme else '(none)'}: "
-                         "use https://, http:// or s3://", kind="refused")
-    if deadline is None:
-        deadline = Deadline(deadline_s if deadline_s is not None else timeout_s + max_bytes / MIN_AVERAGE_BYTES_PER_S)
-    if scheme == "s3":
-        client = s3_client_factory() if s3_client_factory else make_s3_client(None, timeout_s=timeout_s)
-        return _fetch_s3(url, dest, client, max_bytes=max_bytes, deadline=deadline)
-    return _fetch_http(url, dest, allow_private=allow_private, max_bytes=max_bytes, timeout_s=timeout_s,
-                       deadline=deadline)
-
-
-def read_local(source: str | os.PathLike, dest: BinaryIO, *, max_bytes: int, deadline: Deadline | None = None) -> int:
-    """Copy a local file into `dest` and return the number of bytes written.
-
-    `source` is a path (``~`` expanded) or a ``file://`` URL naming a file on this machine. No
-    access control here: the caller decides whether local files are acceptable at all. Only
-    regular files are read (a FIFO or a device could block or never end). Raises `FetchError`.
-    """
-    path = _local_path(source)
-    try:
-        info = os.stat(path)
-        if stat.S_ISDIR(info.st_mode):
-            raise FetchError(f"{path} is a directory, not a file")
-        if not stat.S_ISREG(info.st_mode):
-            raise FetchError(f"{path} is not a regular file", kind="refused")
-        if info.st_size > max_bytes:
-            raise _too_large(str(path), max_bytes, info.st_size)
-        file = open(path, "rb")
-    except OSError as exc:
-        raise _unreadable(path, exc) from exc
-    with file:
-        return copy_capped(_read_chunks(file, path), dest, max_bytes=max_bytes, deadline=deadline, source=str(path))
-
-
-def make_s3_client(endpoint_url: str | None, *, timeout_s: float = 60.0):
-    """A boto3 S3 client: credentials and region from boto3's own chain, bounded timeouts, a few retries.
-
-    With a custom `endpoint_url` (MinIO, R2, moto, ...) path-style addressing is used, which every
-    S3-compatible store understands. Clients are thread-safe but slow to create: keep one.
-    """
-    import boto3
-    from botocore.config import Config
-
-    config = Config(connect_timeout=min(CONNECT_TIMEOUT_S, timeout_s), read_timeout=timeout_s,
-                    retries={"max_attempts": 3, "mode": "standard"}, signature_version="s3v4",
-                    s3={"addressing_style": "path"} if endpoint_url else None)
-    # A session of its own: creating clients from boto3's shared default session is not thread-safe.
-    return boto3.session.Session().client("s3", endpoint_url=endpoint_url or None, config=config)
 
 
 # -- http(s) ---------------------------------------------------------------------------------------
@@ -217,8 +143,9 @@ def _embedded_ipv4_is_safe(address: str, is_safe: Callable[[str], bool]) -> bool
     return sixtofour is None or is_safe(str(sixtofour))
 
 
-def _fetch_http(url: str, dest: BinaryIO, *, allow_private: bool, max_bytes: int, timeout_s: float,
-                deadline: Deadline) -> int:
+def fetch_http(url: str, dest: BinaryIO, *, allow_private: bool, max_bytes: int, timeout_s: float,
+               deadline: Deadline) -> int:
+    """Stream an http(s) `url` into `dest` (see the module docstring); return the byte count."""
     host = "the host"  # for messages, until the URL is parsed
     try:
         current = httpx.URL(url)
@@ -244,7 +171,7 @@ def _fetch_http(url: str, dest: BinaryIO, *, allow_private: bool, max_bytes: int
         raise FetchError("refused: not a valid URL", kind="refused") from exc
     except httpx.TimeoutException as exc:
         if deadline.expired:
-            raise _too_slow(deadline, host) from exc
+            raise too_slow(deadline, host) from exc
         raise FetchError(f"timed out after {timeout_s:g} s waiting for {host}") from exc
     except httpx.HTTPError as exc:
         raise FetchError(f"download from {host} failed: {_describe(exc)}") from exc
@@ -264,7 +191,7 @@ def _get_pinned(url: httpx.URL, host: str, addresses: list[str], dest: BinaryIO,
     for address in addresses:
         left = deadline.remaining()
         if left <= 0:
-            raise _too_slow(deadline, host)
+            raise too_slow(deadline, host)
         timeout = httpx.Timeout(min(timeout_s, left), connect=min(CONNECT_TIMEOUT_S, timeout_s, left))
         extensions = {"timeout": timeout.as_dict(), **({"sni_hostname": host} if url.scheme == "https" else {})}
         request = httpx.Request("GET", url.copy_with(host=address), headers=headers, extensions=extensions)
@@ -279,7 +206,7 @@ def _get_pinned(url: httpx.URL, host: str, addresses: list[str], dest: BinaryIO,
             finally:
                 response.close()
     if deadline.expired:
-        raise _too_slow(deadline, host) from last_error
+        raise too_slow(deadline, host) from last_error
     raise FetchError(f"cannot connect to {host}: {_describe(last_error)}") from last_error
 
 
@@ -296,7 +223,7 @@ def _receive(response: httpx.Response, host: str, dest: BinaryIO, *, max_bytes: 
     length = response.headers.get("Content-Length", "")
     declared = int(length) if length.isascii() and length.isdigit() else None
     if declared is not None and declared > max_bytes:
-        raise _too_large(host, max_bytes, declared, status=status)
+        raise too_large(host, max_bytes, declared, status=status)
     error = None
     try:
         total = copy_capped(response.iter_raw(), dest, max_bytes=max_bytes, deadline=deadline, source=host)
@@ -349,7 +276,7 @@ def _describe(exc: BaseException | None) -> str:
     return "not a valid HTTP answer" if isinstance(exc, httpx.RemoteProtocolError) else type(exc).__name__
 
 
-def _too_large(source: str, limit: int, size: int | None = None, *, status: int | None = None) -> FetchError:
+def too_large(source: str, limit: int, size: int | None = None, *, status: int | None = None) -> FetchError:
     said = _sizes(size, limit) if size is not None else f"larger than the {_human(limit)}"
     return FetchError(f"the file from {source} is {said} allowed", kind="refused", status=status)
 
@@ -366,82 +293,3 @@ def _human(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} bytes"
-
-
-# -- local files -----------------------------------------------------------------------------------
-
-
-def _local_path(source: str | os.PathLike) -> Path:
-    text = os.fspath(source)
-    parts = urlsplit(text)
-    if parts.scheme.lower() != "file":
-        return Path(text).expanduser()
-    if parts.netloc not in ("", "localhost"):
-        raise FetchError(f"file:// URLs must name a file on this machine, not on {parts.netloc}", kind="refused")
-    return Path(url2pathname(parts.path))  # url2pathname also undoes the %-escapes
-
-
-def _read_chunks(file: BinaryIO, path: Path) -> Iterator[bytes]:
-    """The file's chunks; a read error becomes a FetchError (a write error in copy_capped stays an OSError)."""
-    while True:
-        try:
-            chunk = file.read(CHUNK_BYTES)
-        except OSError as exc:
-            raise _unreadable(path, exc) from exc
-        if not chunk:
-            return
-        yield chunk
-
-
-def _unreadable(path: Path, exc: OSError) -> FetchError:
-    if isinstance(exc, FileNotFoundError):
-        return FetchError(f"no such file: {path}")
-    if isinstance(exc, IsADirectoryError):
-        return FetchError(f"{path} is a directory, not a file")
-    if isinstance(exc, PermissionError):
-        return FetchError(f"cannot read {path}: permission denied")
-    return FetchError(f"cannot read {path}: {exc.strerror or type(exc).__name__}")
-
-
-# -- s3 --------------------------------------------------------------------------------------------
-
-
-def parse_s3_url(url: str) -> tuple[str, str]:
-    """``s3://bucket/key`` -> (bucket, key). The key is taken literally (it may hold ``?`` or ``#``)."""
-    rest = url.split("://", 1)[1] if "://" in url else ""
-    bucket, _, key = rest.partition("/")
-    if not bucket or not key:
-        raise FetchError("an s3 URL needs a bucket and a key: s3://bucket/key", kind="refused")
-    return bucket, key
-
-
-def _fetch_s3(url: str, dest: BinaryIO, client, *, max_bytes: int, deadline: Deadline) -> int:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-    bucket, key = parse_s3_url(url)
-    where = f"s3://{bucket}/{key}"
-    try:
-        head = client.head_object(Bucket=bucket, Key=key)
-        size = int(head["ContentLength"])
-        if size > max_bytes:
-            raise _too_large(where, max_bytes, size)
-        extra = {"IfMatch": head["ETag"]} if head.get("ETag") else {}  # the object we sized, not a newer one
-        body = client.get_object(Bucket=bucket, Key=key, **extra)["Body"]
-        try:  # botocore turns urllib3's read errors into BotoCoreError subclasses
-            return copy_capped(body.iter_chunks(CHUNK_BYTES), dest, max_bytes=max_bytes, deadline=deadline,
-                               source=where)
-        finally:
-            body.close()
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "error"))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        said = {"404": "not found (no such bucket or key)", "NoSuchKey": "not found (no such key)",
-                "NoSuchBucket": "not found (no such bucket)",
-                "403": "access denied", "AccessDenied": "access denied",
-                "412": "changed while being downloaded", "PreconditionFailed": "changed while being downloaded",
-                }.get(code, code)
-        raise FetchError(f"{where}: {said}", status=status) from exc
-    except BotoCoreError as exc:
-        said = "no AWS credentials configured" if isinstance(exc, NoCredentialsError) else type(exc).__name__
-        raise FetchError(f"{where}: {said}") from exc

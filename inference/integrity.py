@@ -1,4 +1,5 @@
-"""A cached file is what its sha256 says, checked as it is read into the pipeline.
+"""A LoRA file is what it claims to be: a parseable safetensors file when it enters the cache
+(`validate_safetensors`), and what its sha256 says each time it is read into the pipeline.
 
 The file is read once, into one buffer, and hashed chunk by chunk as the chunks land (still in the
 CPU's cache): each chunk is hashed in a second thread while the next one is read (both release
@@ -16,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from inference.errors import ErrorCode, ServiceError
 
 CHUNK_BYTES = 4 << 20  # read and hashed at a time: fits the CPU's last-level cache
 
@@ -58,3 +61,35 @@ def read_verified(path: Path, expected_sha256: str | None, pin_memory: bool = Fa
             raise CorruptEntry(f"cached file {Path(path).name} has sha256 {actual[:12]}…, "
                                f"not {expected_sha256[:12]}…")
     return buffer[:done]
+
+
+def validate_safetensors(path: Path) -> int:
+    """Parse `path` as safetensors (header and offsets, by the Rust parser) and count its tensors.
+
+    Nothing is unpickled. Raises ServiceError(lora_invalid) with what the file looks like instead.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            count = len(list(f.keys()))
+    except Exception as exc:  # safetensors' SafetensorError, OSError, ...
+        raise ServiceError(ErrorCode.LORA_INVALID, _explain_unreadable(path, exc)) from exc
+    if count == 0:
+        raise ServiceError(ErrorCode.LORA_INVALID, "the safetensors file holds no tensors")
+    return count
+
+
+def _explain_unreadable(path: Path, exc: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "not a safetensors file: the file is empty"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or head.startswith(b"PK\x03\x04"):
+        return ("not a safetensors file: looks like a pickle checkpoint (.ckpt/.pt/.bin), which is never loaded; "
+                "convert it to .safetensors")
+    if head.lstrip()[:1] == b"<":
+        return ("not a safetensors file: looks like an HTML page rather than the file itself "
+                "(for Hugging Face, use a .../resolve/... URL, not .../blob/...)")
+    reason = str(exc).removeprefix("Error while deserializing header: ").strip()[:160]
+    return f"not a readable safetensors file (truncated or corrupt: {reason})"

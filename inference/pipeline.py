@@ -19,7 +19,7 @@ from PIL import Image
 from inference.adapters import AdapterCache
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, RequestCancelled, ServiceError
-from inference.lora_store import LoraFile
+from inference.lora_file import LoraFile
 from inference.prepared import PreparedLora, prepare
 from inference.quiet import quiet_libraries
 
@@ -31,11 +31,24 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfl
 
 # The oldest NVIDIA driver each CUDA build of torch runs on (NVIDIA's CUDA release notes, table 3).
 MIN_DRIVER = {"12.4": "550", "12.6": "560", "12.8": "570", "12.9": "575", "13.0": "580"}
+RUNPOD_HF_CACHE = Path("/runpod-volume/huggingface-cache/hub")
 
 
 class DeviceUnavailable(RuntimeError):
     """The configured device cannot be used. The worker must not start: a GPU endpoint silently
     running on the CPU is worse than one that fails its health check and says why."""
+
+
+def resolve_model(model: str, hf_cache: Path = RUNPOD_HF_CACHE) -> str:
+    """A local directory as is; a hub id from RunPod's cached models when present, else the id."""
+    if Path(model).is_dir() or "/" not in model:
+        return model
+    repo = hf_cache / f"models--{model.replace('/', '--')}"
+    ref = repo / "refs" / "main"
+    if ref.is_file() and (repo / "snapshots" / ref.read_text().strip()).is_dir():
+        return str(repo / "snapshots" / ref.read_text().strip())
+    snapshots = sorted((repo / "snapshots").glob("*"), key=lambda p: p.stat().st_mtime) if repo.is_dir() else []
+    return str(snapshots[-1]) if snapshots else model
 
 
 def resolve_device(device: str = "auto") -> torch.device:

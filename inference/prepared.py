@@ -20,7 +20,7 @@ from inference.errors import ServiceError
 from inference.hotswap import UnetLora
 from inference.integrity import CorruptEntry
 from inference.lora_compat import LoraSummary, LoraWeights, check_lora_weights, read_lora
-from inference.lora_store import LoraFile
+from inference.lora_file import LoraFile
 
 
 @dataclass

@@ -1,5 +1,5 @@
-"""inference.fetch on its own: the one copy loop, the deadline, local reads, and the http details
-the store-level tests in tests/test_lora_store.py do not reach (raw bodies, address fallback,
+"""inference.fetch and inference.sources on their own: the one copy loop, the deadline, local reads,
+and the http details the store-level tests in tests/test_lora_store.py do not reach (raw bodies, address fallback,
 IPv6 pinning, CA bundles). Loopback servers only (tests/servers.py), as there.
 """
 
@@ -20,7 +20,9 @@ import pytest
 from runpod.serverless.utils import rp_ssrf  # its first import takes ~2 s: not inside timed tests
 
 from inference import fetch as fetch_module
-from inference.fetch import Deadline, FetchError, checked_addresses, copy_capped, fetch_to_file, read_local
+from inference import sources as sources_module
+from inference.fetch import Deadline, FetchError, checked_addresses, copy_capped
+from inference.sources import fetch_to_file, read_local
 from tests import servers
 from tests.servers import FileServer, S3Server
 
@@ -127,7 +129,7 @@ def test_read_local_errors(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(fetch_module, "open", denied, raising=False)  # tests run as root: chmod would not do
+    monkeypatch.setattr(sources_module, "open", denied, raising=False)  # tests run as root: chmod would not do
     assert error(big).message == f"cannot read {big}: permission denied"
 
 
@@ -142,7 +144,7 @@ def test_read_local_growing_past_the_cap_while_read_is_refused(tmp_path, monkeyp
         path.write_bytes(b"x" * 100)
         return file
 
-    monkeypatch.setattr(fetch_module, "open", open_then_grow, raising=False)
+    monkeypatch.setattr(sources_module, "open", open_then_grow, raising=False)
     with pytest.raises(FetchError) as err:
         read_local(path, io.BytesIO(), max_bytes=50)
     assert err.value.refused and "larger than" in err.value.message
@@ -356,14 +358,28 @@ def test_a_garbage_answer_is_a_fetch_error():
     assert error.message == "download from 127.0.0.1 failed: not a valid HTTP answer"
 
 
-def test_no_requests_in_our_code():
-    """rp_ssrf imports requests for itself; the fetch goes through httpx only."""
-    tree = ast.parse(Path(fetch_module.__file__).read_text())
+def imported_packages(module) -> set[str]:
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
-    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                 if isinstance(node, ast.ImportFrom) and node.module}
-    assert not imported & {"requests", "urllib3", "threading"}
+    return imported | {node.module.split(".")[0] for node in ast.walk(tree)
+                       if isinstance(node, ast.ImportFrom) and node.module}
+
+
+def test_no_requests_in_our_code():
+    """rp_ssrf imports requests for itself; the fetch goes through httpx only (and no watchdog thread)."""
+    assert not imported_packages(fetch_module) & {"requests", "urllib3", "threading"}
+    assert not imported_packages(sources_module) & {"requests", "urllib3"}
+
+
+def test_the_url_schemes_are_decided_in_sources_alone():
+    """No other module of the service lists the schemes it accepts (issue 26: it was three places)."""
+    root = Path(sources_module.__file__).parent
+    for path in root.glob("*.py"):
+        if path.name != "sources.py":
+            text = path.read_text()
+            assert '"s3://"' not in text and '"s3"' not in text.replace('client("s3"', ""), path.name
+            assert not any(f'"{scheme}://"' in text for scheme in ("https", "http")), path.name
 
 
 # -- s3 --------------------------------------------------------------------------------------------
@@ -372,7 +388,7 @@ def test_no_requests_in_our_code():
 def test_s3_goes_through_the_same_loop(monkeypatch):
     with S3Server(monkeypatch) as s3:
         url = s3.put("bucket", "k/data.bin", DATA)
-        client = fetch_module.make_s3_client(s3.endpoint, timeout_s=5)
+        client = sources_module.make_s3_client(s3.endpoint, timeout_s=5)
         assert fetch(url, s3_client_factory=lambda: client) == DATA
         error = fetch_error(url, s3_client_factory=lambda: client, max_bytes=len(DATA) - 1)
         assert error.refused and "more than the" in error.message

@@ -40,7 +40,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save
 
 from inference.errors import ErrorCode, ServiceError
-from inference.lora_store import LoraStore, validate_safetensors
+from inference.integrity import validate_safetensors
+from inference.lora_store import LoraStore
 
 FUZZ_EXAMPLES = int(os.environ.get("SDXL_LORA_FUZZ_EXAMPLES", "300"))
 API_EXAMPLES = int(os.environ.get("SDXL_LORA_API_EXAMPLES", "60"))

@@ -23,7 +23,8 @@ import httpx
 import pytest
 
 from api.app import create_app
-from inference.lora_store import LoraStore, id_slug
+from inference.cache_layout import id_slug
+from inference.lora_store import LoraStore
 from inference.service import InferenceService
 from inference.settings import Settings
 from tests.fakes import LiveServer, wait_ready

@@ -28,8 +28,10 @@ from runpod.serverless.utils import rp_ssrf  # imported here: its first import t
 
 from inference import fetch as fetch_module
 from inference.errors import ErrorCode, ServiceError
-from inference.fetch import FetchError, fetch_to_file
-from inference.lora_store import LoraStore, id_slug
+from inference.cache_layout import id_slug
+from inference.fetch import FetchError
+from inference.lora_store import LoraStore
+from inference.sources import fetch_to_file
 from tests import servers
 from tests.servers import FileServer, S3Server
 
@@ -439,16 +441,16 @@ def test_query_strings_never_appear_in_messages(make_store, www):
 
 
 def test_s3_source_through_moto(make_store, monkeypatch):
-    import inference.lora_store as lora_store_module
+    import inference.sources as sources_module
 
     created = []
-    real_make = lora_store_module.make_s3_client
+    real_make = sources_module.make_s3_client
 
     def counting_make(*args, **kwargs):
         created.append(args)
         return real_make(*args, **kwargs)
 
-    monkeypatch.setattr(lora_store_module, "make_s3_client", counting_make)
+    monkeypatch.setattr(sources_module, "make_s3_client", counting_make)
     with S3Server(monkeypatch) as s3:
         url = s3.put("loras", "chars/a b?#.safetensors", GOOD)  # the key is taken literally
         s3.put("loras", "big.safetensors", b"\0" * ((1 << 20) + 1))
@@ -623,16 +625,6 @@ def test_a_cache_emptied_during_a_download_fetches_once_more(store, www):
     lora = store.fetch("a", www.url("good.safetensors"))
     assert lora.path.read_bytes() == GOOD and www.hits["/good.safetensors"] == 2
     assert store.fetch("a", www.url("good.safetensors")).source == "disk"
-
-
-def test_entries_of_the_earlier_layout_are_taken_over(tmp_path):
-    cache = tmp_path / "cache"
-    (cache / ".ids").mkdir(parents=True)
-    (cache / f"{id_slug('old')}-{GOOD_SHA}.safetensors").write_bytes(GOOD)
-    (cache / ".ids" / id_slug("old")).write_text("old")  # the earlier record: the raw id alone
-    store = LoraStore(cache, max_cache_bytes=1 << 30, max_lora_bytes=1 << 20)
-    assert snapshot(store) == {f"{GOOD_SHA}.safetensors"}
-    assert store.fetch("old", "https://unused.invalid/x", GOOD_SHA).source == "disk"
 
 
 def test_a_lock_file_removed_under_a_waiter_is_not_held_twice(tmp_path, monkeypatch):
