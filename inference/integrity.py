@@ -63,6 +63,16 @@ def read_verified(path: Path, expected_sha256: str | None, pin_memory: bool = Fa
     return buffer[:done]
 
 
+def verify_on_disk(path: Path, expected_sha256: str) -> None:
+    """Hash `path` from disk a chunk at a time (memory: one chunk, whatever the file's size): a
+    prefetch checks a cached file without reading it into memory. CorruptEntry when it differs;
+    FileNotFoundError passes through."""
+    with open(path, "rb") as f:
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
+    if actual != expected_sha256:
+        raise CorruptEntry(f"cached file {Path(path).name} has sha256 {actual[:12]}…, not {expected_sha256[:12]}…")
+
+
 def validate_safetensors(path: Path) -> int:
     """Parse `path` as safetensors (header and offsets, by the Rust parser) and count its tensors.
 

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from typing import TypeVar
 
 from sdxl_lora_client.contract import (GenerateRequest, GenerateResponse, ImageOut, LoraOut, LoraSpec, ModelOut,
-                                       PrefetchLora, PrefetchOutcome, PrefetchRequest, PrefetchResponse, Timings)
+                                       PrefetchRequest, PrefetchResponse, Timings)
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, ServiceError
 from inference.images import MIME, encode_image
@@ -29,6 +29,7 @@ from inference.lora_file import LoraFile
 from inference.lora_store import LoraStore
 from inference.media import load_reference, upload
 from inference.pipeline import Engine, GenerationJob, GenerationResult, resolve_model
+from inference.prefetch import prefetch_loras
 from inference.prepared import PreparedLora
 from inference.settings import Settings, fallback_lora_cache_dir
 
@@ -205,29 +206,15 @@ class InferenceService:
         """Put each LoRA into the disk cache, side by side, as a generate request would fetch it (same
         URL rules, caps, verification and deadline), without generating: a LoRA whose training just
         completed, so that its first request reads it from disk. One outcome per LoRA; one that fails
-        says why and never stops the others."""
-        deadline = deadline or Deadline(self.settings.request_timeout_s)
-        futures = [self._prefetch_pool.submit(self._fetch_ready, spec) for spec in request.loras]
-        return PrefetchResponse(loras=[self._prefetch_outcome(spec, future, deadline)
-                                       for spec, future in zip(request.loras, futures)])
-
-    def _prefetch_outcome(self, spec: PrefetchLora, future: Future, deadline: Deadline) -> PrefetchOutcome:
-        expected = spec.sha256.lower() if spec.sha256 else None
-        try:
-            [(lora, _)] = _wait_for_fetches([future], deadline)
-        except ServiceError as exc:
-            return PrefetchOutcome(id=spec.id, sha256=expected, status="failed", code=exc.code, message=exc.message)
-        except Exception as exc:  # one LoRA's unexpected failure is its own outcome, never the others'
-            log.exception("prefetch of %r failed unexpectedly", spec.id)
-            return PrefetchOutcome(id=spec.id, sha256=expected, status="failed", code=ErrorCode.INTERNAL,
-                                   message=f"internal error ({type(exc).__name__})")
-        return PrefetchOutcome(id=spec.id, sha256=lora.sha256, status="cached")
+        says why and never stops the others. Memory: a few chunks per file (`inference.prefetch`)."""
+        return prefetch_loras(self.store, request, deadline or Deadline(self.settings.request_timeout_s),
+                              pool=self._prefetch_pool, repair=self._with_cache_repair)
 
     def _start_fetches(self, request: GenerateRequest) -> list[Future]:
         """The request's LoRAs fetched and made ready side by side (`_fetch_ready`)."""
         return [self._fetch_pool.submit(self._fetch_ready, spec) for spec in request.loras]
 
-    def _fetch_ready(self, spec: LoraSpec | PrefetchLora) -> Ready:
+    def _fetch_ready(self, spec: LoraSpec) -> Ready:
         """In a fetch thread: the LoRA from the disk cache (or downloaded into it), then, once the
         pipeline is loaded, read, verified, parsed and preflighted for it unless it is resident
         already (`Engine.prepare`): all of it beside other requests' denoising, never in the

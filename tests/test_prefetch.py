@@ -14,7 +14,7 @@ from handler.worker import make_handler
 from inference.deadline import Deadline
 from inference.service import InferenceService
 from inference.settings import Settings
-from sdxl_lora_client.contract import PrefetchRequest
+from sdxl_lora_client.contract import GenerateRequest, PrefetchRequest
 from tests.fakes import LiveServer, wait_ready
 from tests.servers import FileServer, stall
 from tests.test_api import API_KEY, post
@@ -139,3 +139,65 @@ def test_the_runpod_prefetch_job_answers_the_same_object(bare_service, lora_serv
     for bad in ({"prefetch": {"loras": []}}, {"prefetch": None}, {"prefetch": {"loras": []}, "prompt": "x"}):
         result = handler({"id": "job", "input": bad})
         assert json.loads(result["error"])["code"] == "invalid_request", bad
+
+
+# -- memory and the truth of the answer (issue 32) -------------------------------------------------
+
+
+def test_a_prefetch_prepares_nothing_for_the_pipeline(tiny_model, engine, lora_server, tmp_path, monkeypatch):
+    """A prefetch only puts files on disk: with the pipeline loaded it never reads a LoRA into memory
+    to prepare it (16 files of 62 MB once held 941 MB at once), while a generate still does."""
+    service = InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path / "cache",
+                                        allow_private_urls=True), engine=engine)
+    prepared = []
+    real_prepare = engine.prepare
+    monkeypatch.setattr(engine, "prepare", lambda lora: prepared.append(lora.lora_id) or real_prepare(lora))
+    loras = [{"id": name, "url": lora_server.url(f"{name}.safetensors")} for name in ("a", "b", "c")]
+    for _ in range(2):  # cold, then all hits
+        assert [o.status for o in service.prefetch(request(*loras)).loras] == ["cached"] * 3
+    assert prepared == []
+    engine.adapters.clear()
+    service.generate(GenerateRequest.model_validate({"prompt": "x", "num_inference_steps": 1, "width": 64,
+                                                     "height": 64, "seed": 1, "loras": [loras[0]]}))
+    assert prepared == ["a"], "the spy sees a generate's preparation"
+
+
+def test_a_damaged_cached_file_is_fetched_again_by_a_prefetch(bare_service, lora_server):
+    """A hit is hashed again from disk (a chunk at a time): a damaged entry is not answered `cached`."""
+    service = bare_service(allow_private_urls=True)
+    lora = {"id": "a", "url": lora_server.url("a.safetensors")}
+    [first] = service.prefetch(request(lora)).loras
+    [entry] = service.store.entries()
+    data = bytearray(entry.path.read_bytes())
+    data[-1] ^= 0xFF
+    entry.path.write_bytes(data)
+    hits = lora_server.hits["/a.safetensors"]
+    [again] = service.prefetch(request(lora)).loras
+    assert (again.status, again.sha256) == ("cached", first.sha256)
+    assert lora_server.hits["/a.safetensors"] == hits + 1, "downloaded again"
+    assert hashlib.sha256(entry.path.read_bytes()).hexdigest() == first.sha256
+
+
+def test_a_lora_larger_than_the_cache_is_failed_not_cached(bare_service, lora_server):
+    size = (lora_server.root / "a.safetensors").stat().st_size
+    service = bare_service(allow_private_urls=True, lora_cache_max_bytes=size - 1)
+    [outcome] = service.prefetch(request({"id": "a", "url": lora_server.url("a.safetensors")})).loras
+    assert (outcome.status, outcome.code.value) == ("failed", "lora_download_failed")
+    assert "too large for the cache" in outcome.message and "SDXL_LORA_LORA_CACHE_MAX_BYTES" in outcome.message
+    assert outcome.sha256 == sha256_of(lora_server, "a.safetensors")
+
+
+def test_the_answer_says_what_the_cache_holds_when_it_answers(bare_service, lora_server):
+    """Three LoRAs into a cache with room for one: each download evicts the others, and only what is
+    still on disk when the prefetch answers is `cached` (it once said `cached` for evicted files)."""
+    size = max((lora_server.root / f"{name}.safetensors").stat().st_size for name in "abc")
+    service = bare_service(allow_private_urls=True, lora_cache_max_bytes=size * 3 // 2)
+    outcomes = service.prefetch(request(*({"id": name, "url": lora_server.url(f"{name}.safetensors")}
+                                          for name in "abc"))).loras
+    cached = {o.id for o in outcomes if o.status == "cached"}
+    assert cached == {entry.lora_id for entry in service.store.entries()}
+    assert len(cached) <= 1
+    for outcome in outcomes:
+        if outcome.status == "failed":
+            assert outcome.code.value == "lora_download_failed" and "evicted" in outcome.message, outcome
+            assert "SDXL_LORA_LORA_CACHE_MAX_BYTES" in outcome.message
