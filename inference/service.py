@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import datetime, timezone
@@ -150,11 +151,14 @@ class InferenceService:
     # -- one request ---------------------------------------------------------------------------
 
     def generate(self, request: GenerateRequest, progress: Progress | None = None, deadline: Deadline | None = None,
-                 cancel: threading.Event | None = None) -> GenerateResponse:
+                 cancel: threading.Event | None = None,
+                 render_turn: Callable[[], AbstractContextManager[object]] | None = None) -> GenerateResponse:
         """One request, within `deadline` (default: SDXL_LORA_REQUEST_TIMEOUT_S from now): past it the
         answer is `timeout` and a running generation stops at its next step. `cancel` set (the client
-        hung up) stops it too, with RequestCancelled."""
+        hung up) stops it too, with RequestCancelled. `render_turn()` is entered once the LoRAs and the
+        reference are ready and left before encoding: the caller's hold on the pipeline (the app's queue)."""
         progress = progress or (lambda phase: None)
+        render_turn = render_turn or nullcontext
         deadline = deadline or Deadline(self.settings.request_timeout_s)
         engine = self._engine()
         started = time.perf_counter()
@@ -168,22 +172,23 @@ class InferenceService:
         fetched = time.perf_counter()
 
         progress("generate")
-        seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
-        job = GenerationJob(
-            prompt=request.prompt, negative_prompt=request.negative_prompt,
-            width=request.width, height=request.height, num_inference_steps=request.num_inference_steps,
-            guidance_scale=request.guidance_scale, seed=seed, num_images=request.num_images,
-            image=reference, strength=request.strength,
-        )
-        _put_loras(job, request, ready)
-        del ready  # the prepared tensors now only in `job`, which the engine lets go of once they are injected
-        result = self._generate_from_the_cache(engine, job, request, deadline, cancel)
-        lora_files = [lora for lora, _ in job.loras]
-        _check(deadline, "before encoding the images")
+        with render_turn():
+            seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+            job = GenerationJob(
+                prompt=request.prompt, negative_prompt=request.negative_prompt,
+                width=request.width, height=request.height, num_inference_steps=request.num_inference_steps,
+                guidance_scale=request.guidance_scale, seed=seed, num_images=request.num_images,
+                image=reference, strength=request.strength,
+            )
+            _put_loras(job, request, ready)
+            del ready  # the prepared tensors now only in `job`, which the engine lets go of once they are injected
+            result = self._generate_from_the_cache(engine, job, request, deadline, cancel)
+            lora_files = [lora for lora, _ in job.loras]
+            _check(deadline, "before encoding the images")
 
-        scores: list[float | None] = [None] * len(result.images)
-        if reference is not None and self.scorer is not None:
-            scores = self.scorer.score(reference, result.images)  # counted in total, not in a phase of its own
+            scores: list[float | None] = [None] * len(result.images)
+            if reference is not None and self.scorer is not None:
+                scores = self.scorer.score(reference, result.images)  # counted in total, not in a phase of its own
 
         progress("encode")
         encode_started = time.perf_counter()
