@@ -61,7 +61,9 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
         # a download abandoned at the end of the grace period, bounded by its own timeout.
         admission.executor.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="sdxl-lora-service", version="0.1.0", lifespan=lifespan,
+    # No /docs or /redoc: Swagger UI and ReDoc load their scripts from a CDN, onto the origin of the
+    # check page, which keeps the API key in sessionStorage. /openapi.json stays.
+    app = FastAPI(title="sdxl-lora-service", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="SDXL + LoRA character reference images. Errors: `{error: {code, message}}`.")
     app.state.service_state = admission
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)

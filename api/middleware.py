@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -24,6 +25,10 @@ from inference.errors import ErrorCode, ServiceError
 
 log = logging.getLogger("sdxl_lora.api")
 
+# A caller's X-Request-Id is echoed and logged only when it is printable ASCII (as an Idempotency-Key
+# must be); anything else (a control character or obs-text a lenient parser let through) gets a new id.
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
 
 class RequestLog:
     """A request id, one JSON log line and the request metrics per HTTP request; an exception no
@@ -36,7 +41,8 @@ class RequestLog:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        request_id = Headers(scope=scope).get("x-request-id") or uuid.uuid4().hex[:16]
+        given = Headers(scope=scope).get("x-request-id") or ""
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex[:16]
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         answer = {"status": 500, "code": "internal", "sent": False}

@@ -1,5 +1,6 @@
-"""The API's edges without a pipeline: every error body in the contract's envelope. Plus the render
-turn the app hands the service."""
+"""The API's edges without a pipeline: every error body in the contract's envelope, header errors
+as a hostile caller sends them (raw bytes over a socket to a real uvicorn), no /docs, and a check
+page that loads nothing from elsewhere. Plus the render turn the app hands the service."""
 
 from __future__ import annotations
 
@@ -133,6 +134,137 @@ def test_the_validation_message_names_each_field_the_caller_wrote():
         GenerateRequest.model_validate({"prompt": "x", "num_images": 0})
     assert validation_message(caught.value.errors(), drop_loc=()) == (
         "num_images: Input should be greater than or equal to 1")
+
+
+# -- header errors ---------------------------------------------------------------------------------
+
+# Bytes inside a header value. Which ones reach the app depends on uvicorn's parser (h11 lets most
+# control characters through, httptools only tab and obs-text); whatever reaches it must get the
+# envelope, the rest uvicorn's own plain 400, which no app code can change.
+HEADER_BYTES = [bytes([b]) for b in [*range(0x00, 0x20), 0x7F, 0x80, 0xFF] if b not in (0x0A, 0x0D)]
+HEADER_LINES = {  # header lines, %s the byte -> the status and code when the byte reaches the app
+    AUTH_LINE + b"\r\nIdempotency-Key: a%sb": (422, "invalid_request"),
+    b"Authorization: Bearer edge%s-key": (401, "unauthorized"),
+}
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_a_header_byte_either_never_reaches_the_app_or_gets_the_envelope(http):
+    reached: set[bytes] = set()
+    with live(Unloaded(), http) as url:
+        for lines, (expected_status, code) in HEADER_LINES.items():
+            for byte in HEADER_BYTES:
+                status, headers, body = post_with_header(url, lines % byte)
+                if (status, body) == (400, UVICORN_400):
+                    continue
+                reached.add(byte)
+                assert (status, headers.get("x-error-code"), json.loads(body)["error"]["code"]) == (
+                    expected_status, code, code), (http, lines % byte, body)
+    assert {b"\t", b"\x80", b"\xff"} <= reached  # tab and obs-text reach the app with either parser
+    assert b"\x00" not in reached
+
+
+@pytest.mark.parametrize("header", [b"Idempotency-Key: " + b"k" * 201, b"Idempotency-Key: two words",
+                                    "Idempotency-Key: cl\u00e9".encode(), b"Idempotency-Key:"])
+def test_a_malformed_idempotency_key_is_invalid_request_naming_the_header(base, header):
+    status, headers, body = post_with_header(base, AUTH_LINE + b"\r\n" + header)
+    assert (status, headers["x-error-code"]) == (422, "invalid_request"), body
+    assert "Idempotency-Key" in json.loads(body)["error"]["message"]
+
+
+@pytest.mark.parametrize("header", [b"Authorization: " + API_KEY.encode(), b"Authorization: Basic ZWRnZS1rZXk=",
+                                    b"Authorization:", b"Authorization: Bearer", b"Authorization: Bearer  "])
+def test_a_malformed_authorization_header_is_unauthorized(base, header):
+    status, headers, body = post_with_header(base, header)
+    assert (status, headers["x-error-code"], json.loads(body)["error"]["code"]) == (401, "unauthorized", "unauthorized")
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
+def test_a_body_that_is_not_declared_json_is_invalid_request(base, content_type):
+    response = httpx.post(f"{base}/v1/generate", content=b'{"prompt": "x"}',
+                          headers={**AUTH, "content-type": content_type})
+    assert assert_envelope(response, "invalid_request", 422)["message"].startswith("body: ")
+
+
+def test_a_request_id_that_is_not_printable_ascii_is_replaced_not_echoed(base):
+    assert httpx.get(f"{base}/healthz", headers={"x-request-id": "job-7.clip-2"}).headers["x-request-id"] == "job-7.clip-2"
+    status, headers, _ = raw(base, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Request-Id: a\tb\x80\r\nConnection: close\r\n\r\n")
+    assert status == 200 and re.fullmatch(r"[0-9a-f]{16}", headers["x-request-id"]), headers
+
+
+# -- no /docs, nothing from elsewhere ------------------------------------------------------------
+
+def test_docs_are_off_and_the_schema_stays(base):
+    assert_envelope(httpx.get(f"{base}/docs"), "invalid_request", 404)
+    assert_envelope(httpx.get(f"{base}/redoc"), "invalid_request", 404)
+    assert "/v1/generate" in httpx.get(f"{base}/openapi.json").json()["paths"]
+
+
+class PageLoads(HTMLParser):
+    """What an HTML page makes the browser load: the attributes that fetch, and its inline code."""
+
+    FETCHING = {"src", "href", "srcset", "poster", "action", "formaction", "data", "manifest", "background"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.targets: list[str] = []
+        self.code: list[str] = []  # inline <script>/<style> text and style attributes
+        self._in_code = False
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name in self.FETCHING and value:
+                self.targets += [part.split()[0] for part in value.split(",")] if name == "srcset" else [value]
+            elif name == "style" or (name == "content" and tag == "meta"):
+                self.code.append(value or "")
+        self._in_code = tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self._in_code = False
+
+    def handle_data(self, data):
+        if self._in_code:
+            self.code.append(data)
+
+
+CSS_LOADS = re.compile(r"""url\(\s*["']?([^"')]*)|@import\s+["']([^"']*)""", re.I)
+# Module imports resolve against the script; what it fetches resolves against the page, and is
+# checked by the scan for other origins below, not followed.
+JS_LOADS = re.compile(r"""(?:\bfrom|\bimport\s*\(|\bimport|\bWorker\(|\bimportScripts\()\s*["'`]([^"'`]*)""")
+COMMENTS = re.compile(r"""/\*[\s\S]*?\*/|(?<![:\w"'`\\])//[^\n]*""")
+ELSEWHERE = re.compile(r"(?:https?:)?//[\w.-]+|\b(?:wss?|ftp):", re.I)
+
+
+def loads_of(url: str, content_type: str, text: str) -> tuple[list[str], list[str]]:
+    """What a page or asset loads (to follow) and its code with the comments left out (to scan)."""
+    if content_type.startswith("text/html"):
+        page = PageLoads()
+        page.feed(text)
+        return page.targets, page.code
+    code = COMMENTS.sub("", text)
+    pattern = CSS_LOADS if content_type.startswith("text/css") else JS_LOADS
+    return [next(filter(None, m.groups()), "") for m in pattern.finditer(code)], [code]
+
+
+def test_the_check_page_and_everything_it_loads_stay_on_the_origin(base):
+    origin = urlsplit(base).netloc
+    seen, todo = set(), [f"{base}/"]
+    while todo:
+        url = todo.pop()
+        if url in seen:
+            continue
+        seen.add(url)
+        response = httpx.get(url)
+        assert response.status_code == 200, url
+        targets, code = loads_of(url, response.headers["content-type"], response.text)
+        for target in targets:
+            if not target.startswith(("data:", "#", "blob:")):
+                absolute = urljoin(url, target).split("#")[0]
+                assert urlsplit(absolute).netloc == origin, (url, target)
+                todo.append(absolute)
+        # Nothing it runs names another origin either (an address built at run time would show here).
+        assert not [found for part in code for found in ELSEWHERE.findall(part)], (url, code)
+    assert {f"{base}/", f"{base}/static/check.js", f"{base}/static/check.css"} <= seen
 
 
 # -- the render turn -------------------------------------------------------------------------------
