@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from api.app import DEADLINE_SLACK_S, create_app
+from api.admission import DEADLINE_SLACK_S
+from api.app import create_app
 from handler.worker import make_handler
 from inference.service import InferenceService
 from inference.settings import Settings
