@@ -6,7 +6,9 @@ string under `error` (the SDK's local /runsync answers 500 to a non-string error
 message ends with "retry after N s", RunPod's stand-in for the Retry-After header.
 
 An input's `idempotency_key` (beside the request's fields) makes a repeat within
-IDEMPOTENCY_TTL_S return the first answer without rendering (inference/idempotency.py).
+IDEMPOTENCY_TTL_S return the first answer without rendering, on any worker of the fleet
+(inference/idempotency.py). `"idempotency_key": null` is `invalid_request`: a caller that sends the
+field means a key, and a null one most likely lost it.
 """
 
 from __future__ import annotations
@@ -47,8 +49,8 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
         prefetch = isinstance(job_input, dict) and "prefetch" in job_input
         if prefetch and set(job_input) != {"prefetch"}:
             return error_output(ErrorCode.INVALID_REQUEST, "a prefetch job's input holds `prefetch` and nothing else")
-        key = None
-        if not prefetch and isinstance(job_input, dict) and "idempotency_key" in job_input:
+        keyed = not prefetch and isinstance(job_input, dict) and "idempotency_key" in job_input
+        if keyed:
             job_input = dict(job_input)
             key = job_input.pop("idempotency_key")
         try:
@@ -64,12 +66,17 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
         def render():
             response = service.generate(request, progress=report, deadline=deadline)
             service_times.observe(response.timings_ms.total / 1e3)
+            log.info("job %r rendered %d image(s)", job.get("id"), len(response.images))
             return response
 
         try:
             if prefetch:
                 return service.prefetch(request).model_dump(mode="json", exclude_none=True)
-            response = render() if key is None else idempotency.answer(check_key(key), request, render, deadline)
+            if not keyed:
+                return render().model_dump(mode="json", exclude_none=True)
+            response, replayed = idempotency.answer_replayed(check_key(key), request, render, deadline)
+            if replayed:
+                log.info("job %r answered from the idempotency store, not rendered", job.get("id"))
             return response.model_dump(mode="json", exclude_none=True)
         except ServiceError as exc:
             log.warning("job %r failed: %s %r", job.get("id"), exc.code.value, exc.message)
@@ -81,4 +88,3 @@ def make_handler(service, progress_update: Callable[[dict, str], None] | None = 
             return error_output(ErrorCode.INTERNAL, f"internal error ({type(exc).__name__})")
 
     return handler
-# code change

@@ -130,7 +130,7 @@ def test_handler_answers_a_repeated_idempotency_key_without_rendering(tiny_model
     assert handler({"id": "job-b", "input": dict(job_input)}) == first
     assert service.images_rendered == 1
     for bad_input in ({**job_input, "prompt": "y"}, {**job_input, "idempotency_key": ""},
-                      {**job_input, "idempotency_key": 7}):
+                      {**job_input, "idempotency_key": 7}, {**job_input, "idempotency_key": None}):
         error = json.loads(handler({"id": "job-c", "input": bad_input})["error"])
         assert error["code"] == "invalid_request" and "idempotency" in error["message"]
     assert service.images_rendered == 1
