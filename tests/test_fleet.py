@@ -1,6 +1,7 @@
 """The fleet on the runpod SDK's real worker loop: `python -m handler` processes fed by a loopback
 stand-in of RunPod's job API, sharing one LoRA cache folder and one S3 (moto's server) for their
-idempotency store, as RunPod workers share the network volume and a bucket."""
+idempotency store, as RunPod workers share the network volume and a bucket. w1 and w2 hold one job
+at a time; c2 holds two (RUNPOD_CONCURRENCY=2), checked against w1's images."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sdxl_lora_tools.bench.runpod_standin import RunPodStandIn
-from tests.servers import DUMMY_AWS_ENV, FileServer, S3Server
+from tests.servers import DUMMY_AWS_ENV, FileServer, S3Server, slow_ok
 
 ROOT = Path(__file__).resolve().parents[1]
 LEASE_S = 2.0
@@ -51,8 +52,9 @@ class Fleet:
         self.standin, self.env, self.log_dir = standin, env, log_dir
         self.workers: list[Worker] = []
 
-    def start(self, *names: str) -> list[Worker]:
-        started = [Worker(name, {**self.env, **self.standin.worker_env(name)}, self.log_dir) for name in names]
+    def start(self, *names: str, extra_env: dict | None = None) -> list[Worker]:
+        started = [Worker(name, {**self.env, **(extra_env or {}), **self.standin.worker_env(name)}, self.log_dir)
+                   for name in names]
         self.workers += started
         for worker in started:
             try:
@@ -158,3 +160,74 @@ def test_sigterm_with_a_job_in_hand_answers_it_before_the_worker_exits(fleet):
     assert worker.proc.wait(120) == 0
     answer = fleet.standin.result(job_id, timeout=0)  # answered before the exit, never lost
     assert answer["output"]["images"], answer
+
+
+# -- several jobs per worker (RUNPOD_CONCURRENCY=2) ----------------------------------------------
+
+DOWNLOAD_S = 3.0  # job B's LoRA download: about job A's render
+
+
+@pytest.fixture(scope="module")
+def pairs(fleet):
+    """A live worker that holds two jobs at once (w1 and w2 hold one); a new one when the last was stopped."""
+    started: list[Worker] = []
+
+    def live() -> Worker:
+        if not started or started[-1].proc.poll() is not None:
+            started.extend(fleet.start(f"c2-{len(started)}", extra_env={"SDXL_LORA_RUNPOD_CONCURRENCY": "2"}))
+        return started[-1]
+
+    return live
+
+
+def inference_window(standin: RunPodStandIn, job_id: str) -> tuple[float, float]:
+    """When the job's render ran, by the stand-in's clock: its inference time, ending where its
+    encoding and upload began (the job's answer came in less those)."""
+    timings = standin.results[job_id]["output"]["timings_ms"]
+    end = standin.done_at[job_id] - (timings["encode"] + timings["upload"]) / 1e3
+    return end - (timings["adapter"] + timings["inference"]) / 1e3, end
+
+
+def test_at_concurrency_2_the_next_jobs_download_overlaps_this_render(fleet, pairs, loras):
+    standin, reference, pair = fleet.standin, fleet.workers[0], pairs()
+    downloads: list[float] = []
+
+    def slow_download(handler, body):
+        downloads.append(time.monotonic())
+        slow_ok(DOWNLOAD_S)(handler, body)
+
+    loras.behave["/char-12.safetensors"] = slow_download
+    with_lora = generate(seed=5, loras=[{"id": "char-12", "url": loras.url("char-12.safetensors")}])
+    a = standin.submit(generate(num_inference_steps=30, seed=1), pair.name)
+    b = standin.submit(with_lora, pair.name)
+    answers = [standin.result(a), standin.result(b)]
+    assert all("output" in answer for answer in answers), answers
+
+    a_start, a_end = inference_window(standin, a)
+    b_start, b_end = inference_window(standin, b)
+    assert len(downloads) == 1 and downloads[0] < a_end  # B's download ran while A rendered
+    assert min(a_end, b_end) - max(a_start, b_start) < 0.5  # the two renders never ran at once
+    _, alone = fleet.run(with_lora, reference)  # a worker that holds one job at a time
+    assert alone["output"]["images"] == answers[1]["output"]["images"]
+
+
+def test_at_concurrency_2_a_stopped_job_leaves_the_other_intact_and_sigterm_drains_both(fleet, pairs):
+    standin, reference, pair = fleet.standin, fleet.workers[0], pairs()
+    other = generate(seed=6, prompt="the other job")
+    stopped = standin.submit(generate(num_inference_steps=60, seed=2), pair.name)
+    kept = standin.submit(other, pair.name)
+    standin.wait_for_progress(stopped, "generate")
+    standin.stop(stopped)  # RunPod's cancel, on the worker's job-stop channel
+    answer = standin.result(kept)
+    _, alone = fleet.run(other, reference)
+    assert answer["output"]["images"] == alone["output"]["images"]
+    _, next_one = fleet.run(generate(seed=7), pair)
+    assert "output" in next_one and stopped not in standin.results
+    assert f"job {stopped!r} stopped" in pair.text() and "generation stopped" in pair.text()
+
+    in_hand = [standin.submit(generate(num_inference_steps=20, seed=seed), pair.name) for seed in (8, 9)]
+    standin.wait_for_progress(in_hand[0], "generate")
+    standin.wait_for_progress(in_hand[1], "generate")
+    pair.proc.send_signal(signal.SIGTERM)
+    assert pair.proc.wait(120) == 0
+    assert all(standin.result(job_id, timeout=0)["output"]["images"] for job_id in in_hand)

@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 HOLD_S = 0.5  # how long an empty job-take or job-stop poll is held open
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A worker killed mid-poll resets its connections: expected here, not worth a traceback."""
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class RunPodStandIn:
@@ -34,11 +42,12 @@ class RunPodStandIn:
         self.results: dict[str, dict] = {}  # job id -> the job-done body
         self.done_at: dict[str, float] = {}
         self.progress: dict[str, list] = {}  # job id -> its progress updates, in order
+        self.progress_at: dict[tuple[str, object], float] = {}  # (job id, update) -> when it first came
         self.stops: dict[str, list[str]] = {}  # worker -> job ids to stop
         self.polls: dict[str, int] = {}  # worker -> job-take polls seen (a worker polling is serving)
         self.pings: dict[str, int] = {}
         self._inputs: dict[str, dict] = {}
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.server = _QuietServer(("127.0.0.1", 0), self._handler_class())
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
 
@@ -134,6 +143,7 @@ class RunPodStandIn:
         with self._changed:
             if body.get("status") == "IN_PROGRESS":
                 self.progress.setdefault(job_id, []).append(body.get("output"))
+                self.progress_at.setdefault((job_id, body.get("output")), time.monotonic())
             else:
                 self.results[job_id] = body
                 self.done_at[job_id] = time.monotonic()
