@@ -1,4 +1,4 @@
-"""`python -m handler`: load the pipeline once, then serve RunPod jobs one at a time.
+"""`python -m handler`: load the pipeline once, then serve RunPod jobs, RUNPOD_CONCURRENCY at a time.
 
 The runpod SDK reads its own flags from sys.argv (`--rp_serve_api`, `--test_input`, ...).
 """
@@ -20,7 +20,8 @@ def main() -> None:
         service.load()  # at worker start, not per job
     except DeviceUnavailable as exc:  # exit within seconds, saying why: RunPod marks the worker unhealthy
         raise SystemExit(f"sdxl-lora worker not started: {exc}") from None
-    runpod.serverless.start({"handler": make_handler(service), "concurrency_modifier": lambda current: 1})
+    concurrency = service.settings.runpod_concurrency  # the SDK takes this many jobs at once (job-take-batch)
+    runpod.serverless.start({"handler": make_handler(service), "concurrency_modifier": lambda current: concurrency})
 
 
 if __name__ == "__main__":

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     # answer, and how many bytes of answers in all (least recently used evicted first).
     idempotency_ttl_s: float = Field(default=3600.0, gt=0)
     idempotency_max_bytes: int = Field(default=256 * 1024**2, ge=0)
+    # Where the keys live: auto = s3 when S3_BUCKET is set, else RunPod's cache volume, else memory
+    # (inference/idempotency.py). A claim's lease: how long a worker that died keeps its keys from
+    # the fleet (renewed while it renders). Not in the contract, but a deployer may need it.
+    idempotency_store: Literal["auto", "s3", "volume", "memory"] = "auto"
+    idempotency_lease_s: float = Field(default=10.0, gt=0)
+    # Jobs a RunPod worker holds at once: renders one at a time, the next job's fetch meanwhile.
+    runpod_concurrency: int = Field(default=2, ge=1)
     # The whole request, fetch to delivery (queueing for the pipeline included): past it the answer is
     # `timeout` and the generation stops at its next denoising step. 180 s holds the contract's
     # largest request on an H100-class GPU with room to spare; a client's 1024x1024, 30-step image

@@ -3,8 +3,11 @@
 # inside it as its non-root user, with no network, a tiny synthetic model mounted read-only and a
 # root-owned volume at /runpod-volume.
 #
-#   (0) the image: non-root uid 1000, /opt/hf owned by it, SDXL_LORA_DEVICE=cuda
-#   (a) python -m handler --test_input '{"input": {... a LoRA, 64x64, 2 steps}}' exits 0 with an image
+#   (0) the image: its command runs as uid 1000, /opt/hf owned by it, SDXL_LORA_DEVICE=cuda
+#   (a) python -m handler --test_input '{"input": {... a LoRA, 64x64, 2 steps}}' exits 0 with an image,
+#       the LoRA cached on the root-owned volume (prepared by the entrypoint), owned by uid 1000,
+#       with no fallback warning
+#   (a') the same with the volume mounted read-only: served from the fallback cache, said in the log
 #   (b) python -m handler --rp_serve_api: POST /runsync answers COMPLETED with an image
 #   (c) the image's own SDXL_LORA_DEVICE=cuda on a machine without a usable GPU: exits non-zero
 #       within CUDA_EXIT_S seconds, saying CUDA is the reason
@@ -45,7 +48,7 @@ show() {  # the whole output of a failed check
 work=$(mktemp -d)
 cleanup() {
   docker rm -f "$PREFIX-a" "$PREFIX-api" "$PREFIX-cuda" >/dev/null 2>&1
-  docker volume rm -f "$PREFIX-volume" >/dev/null 2>&1
+  docker volume rm -f "$PREFIX-volume" "$PREFIX-volume-ro" >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -121,13 +124,35 @@ secs=$(( $(date +%s) - started ))
 docker rm -f "$PREFIX-a" >/dev/null 2>&1
 # the image's sha256 (ImageOut: ..., mime, sha256), not the LoRA's that the logged job input also holds
 a_sha=$(grep -Eo "'mime': '[^']*', 'sha256': '[0-9a-f]{64}'" "$work/a.log" | head -1 | grep -Eo '[0-9a-f]{64}')
-# The worker must say what it did about the volume it cannot write: a fallback cache, in its log.
-if [ $rc -eq 0 ] && [ -n "$a_sha" ] && grep -q "'base64': '" "$work/a.log" && grep -q "is not writable" "$work/a.log"; then
-  record "(a) --test_input with a LoRA, root-owned volume, unreachable identity model" PASS "$secs s"
-  grep -E "WARNING" "$work/a.log" | cut -c1-240
+# The entrypoint gave the root-owned volume's sdxl-lora folder to uid 1000: the LoRA is cached there
+# and the worker warns about no fallback.
+docker run --rm --network none -v "$PREFIX-volume:/runpod-volume" --entrypoint sh "$IMAGE" -c \
+  'stat -c "volume=%u" /runpod-volume; stat -c "loras=%u" /runpod-volume/sdxl-lora/loras; ls /runpod-volume/sdxl-lora/loras' \
+  >"$work/a-volume.log" 2>&1
+if [ $rc -eq 0 ] && [ -n "$a_sha" ] && grep -q "'base64': '" "$work/a.log" && ! grep -q "is not writable" "$work/a.log" \
+   && grep -qx 'volume=0' "$work/a-volume.log" && grep -qx 'loras=1000' "$work/a-volume.log" \
+   && grep -q 'safetensors' "$work/a-volume.log"; then
+  record "(a) --test_input with a LoRA cached on the root-owned volume as uid 1000, unreachable identity model" PASS "$secs s"
+  grep -E "WARNING|entrypoint:" "$work/a.log" | cut -c1-240
 else
-  show "(a) exit $rc" "$work/a.log"
-  record "(a) --test_input with a LoRA, root-owned volume, unreachable identity model" FAIL "exit $rc, $secs s"
+  show "(a) exit $rc" "$work/a.log"; show "(a) volume" "$work/a-volume.log"
+  record "(a) --test_input with a LoRA cached on the root-owned volume as uid 1000, unreachable identity model" FAIL "exit $rc, $secs s"
+fi
+
+# ---- (a') a volume that cannot be prepared ---------------------------------------------------------
+log "(a') python -m handler --test_input, volume mounted read-only"
+worker_ro=("${worker[@]}")
+worker_ro[7]="$PREFIX-volume-ro:/runpod-volume:ro"
+docker volume create "$PREFIX-volume-ro" >/dev/null
+timeout 600 docker run --rm --name "$PREFIX-a" "${worker_ro[@]}" "$IMAGE" sh -c "$with_files" sh \
+  python -m handler --test_input "$request" >"$work/a-ro.log" 2>&1
+rc=$?
+docker rm -f "$PREFIX-a" >/dev/null 2>&1
+if [ $rc -eq 0 ] && grep -q "'base64': '" "$work/a-ro.log" && grep -q "is not writable" "$work/a-ro.log"; then
+  record "(a') read-only volume: served from the fallback cache, with its warning" PASS
+else
+  show "(a') exit $rc" "$work/a-ro.log"
+  record "(a') read-only volume: served from the fallback cache, with its warning" FAIL "exit $rc"
 fi
 
 # ---- (b) --rp_serve_api, POST /runsync ----------------------------------------------------------

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("bench", help="benchmarks against the per-request-reload baseline (see bench/)",
                             add_help=False)
     p.add_argument("which", choices=["adapters", "replay", "overhead", "soak", "gpu", "clips", "compile", "jobs", "queue",
-                                     "prefetch"])
+                                     "prefetch", "worker", "idempotency"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the benchmark's own options (--help for them)")
     p.set_defaults(func=cmd_bench)
 

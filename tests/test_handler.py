@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -22,6 +23,11 @@ from tests.servers import FileServer
 from tests.test_api import post
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def blocking(handler):
+    """The async handler, called as the SDK's loop would, one job at a time."""
+    return lambda job: asyncio.run(handler(job))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +113,7 @@ def test_serve_api_runsync_and_run_status_return_the_fastapi_image(worker_env, b
 def test_handler_maps_every_failure_to_a_json_string_error(tiny_model, tmp_path, lora_server):
     service = InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path))
     service.load()
-    handler = make_handler(service)
+    handler = blocking(make_handler(service))
     for job_input, code in [
         ({"prompt": "x", "steps": 3}, "invalid_request"),  # unknown field
         ({"prompt": "x", "loras": [{"id": "a", "url": lora_server.url("a.safetensors")}]}, "lora_download_failed"),
@@ -123,14 +129,14 @@ def test_handler_maps_every_failure_to_a_json_string_error(tiny_model, tmp_path,
 def test_handler_answers_a_repeated_idempotency_key_without_rendering(tiny_model, tmp_path):
     service = InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path))
     service.load()
-    handler = make_handler(service)
+    handler = blocking(make_handler(service))
     job_input = {"prompt": "x", "num_inference_steps": 1, "width": 64, "height": 64, "idempotency_key": "job-1/clip-1"}
     first = handler({"id": "job-a", "input": job_input})  # no seed: a second render would pick another one
     assert "error" not in first, first
     assert handler({"id": "job-b", "input": dict(job_input)}) == first
     assert service.images_rendered == 1
     for bad_input in ({**job_input, "prompt": "y"}, {**job_input, "idempotency_key": ""},
-                      {**job_input, "idempotency_key": 7}):
+                      {**job_input, "idempotency_key": 7}, {**job_input, "idempotency_key": None}):
         error = json.loads(handler({"id": "job-c", "input": bad_input})["error"])
         assert error["code"] == "invalid_request" and "idempotency" in error["message"]
     assert service.images_rendered == 1
@@ -140,6 +146,6 @@ def test_handler_answers_a_repeated_idempotency_key_without_rendering(tiny_model
 
 def test_handler_busy_message_carries_retry_after(tiny_model, tmp_path):
     not_loaded = InferenceService(Settings(model=str(tiny_model), device="cpu", lora_cache_dir=tmp_path))
-    error = json.loads(make_handler(not_loaded)({"id": "job", "input": {"prompt": "x"}})["error"])
+    error = json.loads(blocking(make_handler(not_loaded))({"id": "job", "input": {"prompt": "x"}})["error"])
     assert error["code"] == "busy" and error["message"].startswith("the pipeline is still loading")
     assert int(RETRY_AFTER_MESSAGE.search(error["message"]).group(1)) >= 1

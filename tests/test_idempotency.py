@@ -14,7 +14,7 @@ from api.app import create_app
 from inference.backpressure import RETRY_AFTER_MESSAGE, ServiceTimes
 from inference.deadline import Deadline
 from inference.errors import ErrorCode, ServiceError
-from inference.idempotency import IdempotencyStore, check_key, request_hash
+from inference.idempotency import MemoryStore as IdempotencyStore, check_key, request_hash
 from inference.service import InferenceService
 from inference.settings import Settings
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, ImageOut, ModelOut, Timings
