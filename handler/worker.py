@@ -31,7 +31,7 @@ from pydantic import ValidationError
 from sdxl_lora_client.contract import GenerateRequest, PrefetchRequest
 from inference.backpressure import ServiceTimes, with_retry_after
 from inference.deadline import Deadline
-from inference.errors import ErrorCode, ServiceError
+from inference.errors import ErrorCode, ServiceError, validation_message
 from inference.idempotency import IdempotencyStore, check_key
 
 log = logging.getLogger("sdxl_lora.handler")
@@ -39,10 +39,6 @@ log = logging.getLogger("sdxl_lora.handler")
 
 def error_output(code: ErrorCode, message: str) -> dict:
     return {"error": json.dumps({"code": code.value, "message": message})}
-
-
-def validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in exc.errors())
 
 
 class Jobs:
@@ -71,7 +67,7 @@ class Jobs:
             else:
                 request = GenerateRequest.model_validate(job_input)
         except ValidationError as exc:
-            return error_output(ErrorCode.INVALID_REQUEST, validation_message(exc))
+            return error_output(ErrorCode.INVALID_REQUEST, validation_message(exc.errors(), drop_loc=(), whole="input"))
         deadline = Deadline(self.service.settings.request_timeout_s)
         try:
             if prefetch:

@@ -52,7 +52,7 @@ def shared_store(kind: str, settings: Settings) -> SharedStore:
     if kind == "s3":
         if not settings.s3_bucket:
             raise ValueError("SDXL_LORA_IDEMPOTENCY_STORE=s3 needs SDXL_LORA_S3_BUCKET")
-        from inference.fetch import make_s3_client
+        from inference.sources import make_s3_client
 
         backend = S3Backend(make_s3_client(settings.s3_endpoint_url, timeout_s=10.0), settings.s3_bucket,
                             f"{settings.s3_prefix}idempotency/")
