@@ -29,13 +29,13 @@ from inference.fusing import Fusing
 from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
 from inference.lora_compat import LoraSummary
 from inference.lora_store import LoraFile
-from inference.peft_internals import hotswap_refusal, load_into_pipeline, set_active_adapters
+from inference.peft_internals import (adapter_config, adapter_names, has_adapter, hotswap_refusal, load_into_pipeline,
+                                      lora_layers, purge_adapter, set_active_adapters)
 from inference.prepared import PreparedLora, prepare
 from inference.quiet import transformers_errors_only
 
 log = logging.getLogger(__name__)
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # The UNet modules SDXL LoRA trainers target: diffusers' train_dreambooth_lora_sdxl.py and
 # Replicate's cog-sdxl (attention projections); kohya's add feed-forward and projection layers.
 USUAL_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -79,16 +79,7 @@ class AdapterCache:
 
     def injected_names(self) -> set[str]:
         """Adapter names present in any LoRA layer of the pipeline (ground truth, not bookkeeping)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        names: set[str] = set()
-        for component in LORA_COMPONENTS:
-            model = getattr(self.pipe, component, None)
-            for module in model.modules() if model is not None else ():
-                if isinstance(module, BaseTunerLayer):
-                    for layer_name in module.adapter_layer_names:
-                        names.update(getattr(module, layer_name).keys())
-        return names
+        return {name for _, _, layer in lora_layers(self.pipe) for name in adapter_names(layer)}
 
     # -- mutation (engine lock held) -----------------------------------------------------------
 
@@ -243,7 +234,7 @@ class AdapterCache:
         lora, unet_lora = ready.lora, ready.unet
         if unet_lora is None:
             return False
-        slot = {path: layer for path, layer in self._named_unet_layers() if name in layer.lora_A}
+        slot = {path: layer for path, layer in self._named_unet_layers() if has_adapter(layer, name)}
         plan = in_place_plan(slot, name, unet_lora)
         if plan is not None:
             self.fusing.unfuse()  # nothing can fail from here on
@@ -251,7 +242,7 @@ class AdapterCache:
             copy_in_place(plan, slot, name, unet_lora)
             log.info("adapter %s hot-swapped for %r (copied in place)", name, lora.lora_id)
             return True
-        refusal = hotswap_refusal(self.pipe.unet.peft_config[name], unet_lora.config)
+        refusal = hotswap_refusal(adapter_config(self.pipe.unet, name), unet_lora.config)
         if refusal:
             log.info("not hot-swapping %r into %s: %r", lora.lora_id, name, refusal[:200])
             return False
@@ -267,25 +258,8 @@ class AdapterCache:
 
     def _purge(self, name: str) -> None:
         """Remove every trace of adapter `name`, even after a half-finished injection."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         self._forget_layers()
-        try:
-            self.pipe.delete_adapters([name])
-        except Exception:  # a half-injected adapter may be unknown to some component's peft_config
-            log.debug("delete_adapters(%s) failed; sweeping layers", name, exc_info=True)
-        for component in LORA_COMPONENTS:
-            model = getattr(self.pipe, component, None)
-            if model is None:
-                continue
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer) and any(
-                    name in getattr(module, layer_name) for layer_name in module.adapter_layer_names
-                ):
-                    module.delete_adapter(name)
-            config = getattr(model, "peft_config", None)
-            if isinstance(config, dict):
-                config.pop(name, None)
+        purge_adapter(self.pipe, name)
 
     def _forget_layers(self) -> None:
         """Before the LoRA layers change: unfuse, and forget the active state and the layer list."""
@@ -307,24 +281,17 @@ class AdapterCache:
             self._active_state = previous
             return
         self.fusing.unfuse()
-        names = [name for name, _ in active]
         layers = self._lora_layers()
         for layer in layers:
-            set_active_adapters(layer, names)
-            for name, scale in active:
-                layer.set_scale(name, scale)  # ignores adapters this layer does not have
+            set_active_adapters(layer, active)
         if self.fuse and active:
-            self.fusing.fuse(layers, names)
+            self.fusing.fuse(layers, [name for name, _ in active])
         self._active_state = state
 
     def _named_layers(self) -> list[tuple[str, str, object]]:
         """(component, module path, layer) for every PEFT LoRA layer; cached until the layers change."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         if self._layers is None:
-            models = [(c, getattr(self.pipe, c, None)) for c in LORA_COMPONENTS]
-            self._layers = [(c, path, m) for c, model in models if model is not None
-                            for path, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+            self._layers = lora_layers(self.pipe)
         return self._layers
 
     def _lora_layers(self) -> list:

@@ -20,7 +20,7 @@ import weakref
 
 import torch
 
-from inference.peft_internals import restore_base_weight
+from inference.peft_internals import base_weight, has_adapter, merge_adapters, restore_base_weight
 
 
 class Fusing:
@@ -37,13 +37,13 @@ class Fusing:
 
     def fuse(self, layers: list, adapter_names: list[str]) -> None:
         """Merge `adapter_names` into every layer that has any of them (layers unmerged before)."""
-        targets = [(layer, here) for layer in layers if (here := [n for n in adapter_names if n in layer.lora_A])]
-        views = self._views([(layer.get_base_layer().weight, self._dtype_for(layer)) for layer, _ in targets])
+        targets = [(layer, here) for layer in layers if (here := [n for n in adapter_names if has_adapter(layer, n)])]
+        views = self._views([(base_weight(layer), self._dtype_for(layer)) for layer, _ in targets])
         with torch.no_grad():  # adapter weights may still require grad (set_active_adapters leaves the flag)
             for (layer, here), view in zip(targets, views):
-                view.copy_(layer.get_base_layer().weight)
+                view.copy_(base_weight(layer))
                 self.saved[layer] = view
-                layer.merge(adapter_names=here)
+                merge_adapters(layer, here)
 
     def unfuse(self) -> None:
         for layer, weight in self.saved.items():
@@ -54,7 +54,7 @@ class Fusing:
         """float16 when it holds this layer's base weight exactly, else the weight's own dtype
         (decided once per layer: a base weight is the same at every fuse)."""
         if layer not in self._held_as:
-            weight = layer.get_base_layer().weight
+            weight = base_weight(layer)
             exact = weight.dtype == torch.float32 and torch.equal(weight.to(torch.float16).to(weight.dtype), weight)
             self._held_as[layer] = torch.float16 if exact else weight.dtype
         return self._held_as[layer]
