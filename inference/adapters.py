@@ -29,8 +29,8 @@ from inference.fusing import Fusing
 from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
 from inference.lora_compat import LoraSummary
 from inference.lora_store import LoraFile
-from inference.peft_internals import (adapter_config, adapter_names, has_adapter, hotswap_refusal, load_into_pipeline,
-                                      lora_layers, purge_adapter, set_active_adapters)
+from inference.peft_internals import (adapter_config, adapter_names, has_adapter, hotswap_refusal, load_fault,
+                                      load_into_pipeline, lora_layers, purge_adapter, set_active_adapters)
 from inference.prepared import PreparedLora, prepare
 from inference.quiet import transformers_errors_only
 
@@ -180,9 +180,11 @@ class AdapterCache:
     def _inject(self, name: str, ready: PreparedLora, hotswap: bool = False) -> None:
         """A new adapter (or, with `hotswap`, new weights for adapter `name` through diffusers): into
         the layers PEFT already wrapped when it fits them (`inference.direct_injection`: no walk over
-        the model), else through diffusers' component loaders. On any failure nothing is left."""
+        the model), else through diffusers' component loaders. On any failure the model is left with
+        the modules and weights it had, and a refusal names the LoRA (the service drops its file)."""
         lora = ready.lora
         plan = None if hotswap or ready.unet is None else wrapped_plan(dict(self._named_unet_layers()), ready.unet)
+        layers_before = self._lora_layers()
         if plan is None:
             self._forget_layers()  # PEFT may wrap more layers
         else:
@@ -197,19 +199,14 @@ class AdapterCache:
                     load_into_pipeline(self.pipe, ready.weights.state_dict, adapter_name=name,
                                        network_alphas=ready.weights.network_alphas, metadata=ready.weights.metadata,
                                        hotswap=hotswap)
+                    if fault := load_fault(self.pipe, name):
+                        raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {fault}")
         except Exception as exc:
-            self._purge(name)
-            if isinstance(exc, ServiceError):
+            self._purge(name, keep_layers=layers_before)
+            error = _load_error(exc, lora)
+            if error is exc:
                 raise
-            if isinstance(exc, torch.OutOfMemoryError):  # the device's trouble, not the LoRA's: retryable 503
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise ServiceError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory while loading the LoRA; "
-                                   "retry, or use fewer LoRAs at once") from exc
-            text = str(exc)
-            if "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
-                raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}") from exc
-            raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}") from exc
+            raise error from exc
         how = "hot-swapped" if hotswap else "added to the wrapped layers" if plan is not None else "injected"
         log.info("adapter %s %s for %r in %.0f ms", name, how, lora.lora_id, (time.perf_counter() - started) * 1e3)
 
@@ -256,10 +253,11 @@ class AdapterCache:
         self._unload_tokens(adapter.tokens)
         log.info("adapter %s (%r) evicted", adapter.name, adapter.lora.lora_id)
 
-    def _purge(self, name: str) -> None:
-        """Remove every trace of adapter `name`, even after a half-finished injection."""
+    def _purge(self, name: str, keep_layers: list | None = None) -> None:
+        """Remove every trace of adapter `name`, even after a half-finished injection (and, with
+        `keep_layers`, the LoRA layers it wrapped: see `purge_adapter`)."""
         self._forget_layers()
-        purge_adapter(self.pipe, name)
+        purge_adapter(self.pipe, name, keep_layers)
 
     def _forget_layers(self) -> None:
         """Before the LoRA layers change: unfuse, and forget the active state and the layer list."""
@@ -299,3 +297,23 @@ class AdapterCache:
 
     def _named_unet_layers(self) -> list[tuple[str, object]]:
         return [(path, layer) for component, path, layer in self._named_layers() if component == "unet"]
+
+
+def _load_error(exc: Exception, lora: LoraFile) -> ServiceError:
+    """The contract error for a failed injection; a refusal (lora_invalid, lora_incompatible) names
+    the LoRA, so the service drops its file from the disk cache."""
+    if isinstance(exc, torch.OutOfMemoryError):  # the device's trouble, not the LoRA's: retryable 503
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return ServiceError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory while loading the LoRA; "
+                            "retry, or use fewer LoRAs at once")
+    text = str(exc)
+    if isinstance(exc, ServiceError):
+        error = exc
+    elif "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
+        error = ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}")
+    else:
+        error = ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}")
+    if error.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE) and error.lora is None:
+        error.lora = lora
+    return error

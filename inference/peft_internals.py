@@ -184,15 +184,32 @@ def base_weight(layer) -> torch.Tensor:
     return layer.get_base_layer().weight
 
 
+def can_merge(layer, adapter_names: list[str]) -> bool:
+    """Whether PEFT can merge these adapters: not a LoRA with `lora_B` biases into a layer without a
+    bias (PEFT raises half-way; unmerged, it computes that layer's biases as usual)."""
+    return layer.get_base_layer().bias is not None or not any(layer.lora_bias.get(n) for n in adapter_names)
+
+
+def bias_merged_by(layer, adapter_names: list[str]) -> torch.Tensor | None:
+    """The base layer's bias when merging these adapters changes it (a LoRA with `lora_B` biases:
+    PEFT's merge adds them to it), else None."""
+    if any(layer.lora_bias.get(name) for name in adapter_names):
+        return layer.get_base_layer().bias
+    return None
+
+
 def merge_adapters(layer, adapter_names: list[str]) -> None:
     """PEFT's merge of these adapters into the layer's base weight (and bias, for a bias LoRA)."""
     layer.merge(adapter_names=adapter_names)
 
 
-def restore_base_weight(layer, weight: torch.Tensor) -> None:
-    """Put a merged layer's saved base weight back and mark it unmerged (PEFT's own unmerge subtracts,
-    which is not exact in floating point)."""
-    layer.get_base_layer().weight.data.copy_(weight)
+def restore_base_weight(layer, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Put a merged layer's saved base weight (and bias, when the merge changed it) back and mark it
+    unmerged (PEFT's own unmerge subtracts, which is not exact in floating point)."""
+    base = layer.get_base_layer()
+    base.weight.data.copy_(weight)
+    if bias is not None:
+        base.bias.data.copy_(bias)
     layer.merged_adapters.clear()
 
 
@@ -231,12 +248,19 @@ def register_adapter_config(model, adapter_name: str, config: Any) -> None:
     model._hf_peft_config_loaded = True
 
 
-# -- removal -----------------------------------------------------------------------------------
+# -- removal, and what a load must not leave ----------------------------------------------------
 
-def purge_adapter(pipe, name: str) -> None:
-    """Remove every trace of adapter `name` from the pipeline, even after a half-finished injection:
-    diffusers' `delete_adapters`, then a sweep over the layers and configs it missed (a half-injected
-    adapter may be unknown to some component's `peft_config`, which makes diffusers stop early)."""
+def purge_adapter(pipe, name: str, keep_layers: list | None = None) -> None:
+    """Remove every trace of adapter `name` from the pipeline, even after a half-finished injection.
+
+    Whole modules PEFT wrapped for it (`modules_to_save`: a deep copy that would shadow every later
+    adapter) get their original module back; then diffusers' `delete_adapters`, and a sweep over the
+    layers and configs it missed (a half-injected adapter may be unknown to some component's
+    `peft_config`, which makes diffusers stop early). With `keep_layers` (the LoRA layers there were
+    before a failed load), every other LoRA layer left without adapters is replaced by the layer it
+    wraps: the model holds exactly the modules it held before the load.
+    """
+    _restore_wrapped_modules(pipe)
     try:
         pipe.delete_adapters([name])
     except Exception:
@@ -248,3 +272,48 @@ def purge_adapter(pipe, name: str) -> None:
         config = getattr(getattr(pipe, component, None), "peft_config", None)
         if isinstance(config, dict):
             config.pop(name, None)
+    if keep_layers is not None:
+        kept = {id(layer) for layer in keep_layers}
+        for component, path, layer in lora_layers(pipe):
+            if id(layer) not in kept and not adapter_names(layer):
+                _replace(getattr(pipe, component), path, layer.get_base_layer())
+
+
+def load_fault(pipe, name: str) -> str | None:
+    """What PEFT's injection of adapter `name` left that the engine cannot serve, or None: weights
+    its config promised that the file did not hold (DoRA magnitudes, `lora_B` biases: left on the
+    meta device by the low-memory load, they fail every generation), or a module wrapped whole."""
+    for component, path, layer in lora_layers(pipe):
+        for attr in layer.adapter_layer_names:
+            held = getattr(layer, attr)
+            if name not in held:
+                continue
+            weights = held[name].named_parameters() if isinstance(held[name], torch.nn.Module) else [("", held[name])]
+            for key, tensor in weights:
+                if tensor.is_meta:
+                    return f"the file lacks {component}.{path}.{attr}.{name}.{key}, which its metadata requires"
+    if wrapped := _wrapped_modules(pipe):
+        return f"the LoRA replaces whole modules ({wrapped[0][0]}.{wrapped[0][1]}: modules_to_save), not supported"
+    return None
+
+
+def _wrapped_modules(pipe) -> list[tuple[str, str, Any]]:
+    """(component, path, wrapper) for every module PEFT wrapped whole (`modules_to_save` and kin)."""
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    return [(component, path, module) for component in LORA_COMPONENTS
+            if (model := getattr(pipe, component, None)) is not None
+            for path, module in model.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)]
+
+
+def _restore_wrapped_modules(pipe) -> None:
+    """Put back the original of every module PEFT wrapped whole (outermost first, then again for
+    a wrapper found inside another's original)."""
+    while wrapped := _wrapped_modules(pipe):
+        component, path, wrapper = wrapped[0]
+        _replace(getattr(pipe, component), path, wrapper.original_module)
+
+
+def _replace(model: torch.nn.Module, path: str, module: torch.nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -217,3 +217,63 @@ def test_purge_adapter_removes_it_from_every_layer_and_config_even_half_injected
     assert not any(peft_internals.has_adapter(layer, "probe") for _, _, layer in peft_internals.lora_layers(probe))
     for component in (probe.unet, probe.text_encoder, probe.text_encoder_2):
         assert "probe" not in (getattr(component, "peft_config", None) or {})
+
+
+def test_a_bias_merge_is_kept_to_restore_and_skipped_where_peft_cannot_merge():
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear
+
+    config = LoraConfig(r=2, lora_alpha=2, lora_bias=True, target_modules=["x"])
+    layer = Linear(torch.nn.Linear(4, 4), "b", r=2, lora_alpha=2, lora_bias=True, config=config)
+    torch.nn.init.normal_(layer.lora_B["b"].weight)
+    torch.nn.init.normal_(layer.lora_B["b"].bias)
+    weight, bias = peft_internals.base_weight(layer).detach().clone(), layer.base_layer.bias.detach().clone()
+    assert peft_internals.can_merge(layer, ["b"])
+    assert peft_internals.bias_merged_by(layer, ["b"]) is layer.base_layer.bias
+    peft_internals.merge_adapters(layer, ["b"])
+    assert not torch.equal(layer.base_layer.bias, bias), "PEFT's merge adds the LoRA's bias"
+    peft_internals.restore_base_weight(layer, weight, bias)
+    assert torch.equal(layer.base_layer.bias, bias) and torch.equal(peft_internals.base_weight(layer), weight)
+
+    plain = LoraConfig(r=2, lora_alpha=2, target_modules=["x"])
+    no_bias = Linear(torch.nn.Linear(4, 4, bias=False), "p", r=2, lora_alpha=2, config=plain)
+    assert peft_internals.can_merge(no_bias, ["p"]) and peft_internals.bias_merged_by(no_bias, ["p"]) is None
+    no_bias.update_layer("b", 2, lora_alpha=2, config=config, lora_bias=True)
+    assert not peft_internals.can_merge(no_bias, ["p", "b"])
+    with pytest.raises(RuntimeError, match="no bias"):
+        no_bias.merge(adapter_names=["b"])
+
+
+def test_load_fault_names_missing_tensors_and_whole_module_wrappers_which_purge_undoes(probe):
+    from peft.utils.other import ModulesToSaveWrapper
+
+    assert peft_internals.load_fault(probe, "probe") is None
+    _, path, layer = next(t for t in peft_internals.lora_layers(probe) if t[0] == "unet")
+    real = layer.lora_B["probe"].weight
+    layer.lora_B["probe"].weight = torch.nn.Parameter(torch.empty(real.shape, device="meta"), requires_grad=False)
+    assert f"unet.{path}.lora_B.probe.weight" in peft_internals.load_fault(probe, "probe")
+    layer.lora_B["probe"].weight = real
+
+    path = next(name for name, _ in probe.text_encoder.named_modules() if name.endswith("final_layer_norm"))
+    parent, _, child = path.rpartition(".")
+    owner = probe.text_encoder.get_submodule(parent) if parent else probe.text_encoder
+    norm = getattr(owner, child)
+    setattr(owner, child, ModulesToSaveWrapper(norm, "probe"))
+    assert "modules_to_save" in peft_internals.load_fault(probe, "probe")
+    peft_internals.purge_adapter(probe, "probe")
+    assert getattr(owner, child) is norm, "the original module is back"
+
+
+def test_purge_after_a_failed_load_unwraps_the_layers_the_load_wrapped(tiny_model, make_lora):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model))
+    before = [layer for _, _, layer in peft_internals.lora_layers(pipe)]
+    modules = {c: [(n, type(m)) for n, m in getattr(pipe, c).named_modules()] for c in ("unet", "text_encoder")}
+    weights = read_lora(pipe, make_lora(seed=11, text_encoders=True))
+    peft_internals.load_into_pipeline(pipe, weights.state_dict, adapter_name="probe", network_alphas=None,
+                                      metadata=weights.metadata)
+    assert len(peft_internals.lora_layers(pipe)) > len(before), "the text encoders' layers were wrapped"
+    peft_internals.purge_adapter(pipe, "probe", keep_layers=before)
+    assert [layer for _, _, layer in peft_internals.lora_layers(pipe)] == before
+    assert {c: [(n, type(m)) for n, m in getattr(pipe, c).named_modules()] for c in modules} == modules
