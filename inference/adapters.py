@@ -29,13 +29,13 @@ from inference.fusing import Fusing
 from inference.hotswap import can_hotswap, copy_in_place, give_each_module_its_scaling, in_place_plan
 from inference.lora_compat import LoraSummary
 from inference.lora_file import LoraFile
-from inference.peft_internals import hotswap_refusal, load_into_pipeline, set_active_adapters
+from inference.peft_internals import (adapter_config, adapter_names, has_adapter, hotswap_refusal, load_fault,
+                                      load_into_pipeline, lora_layers, purge_adapter, set_active_adapters)
 from inference.prepared import PreparedLora, prepare
 from inference.quiet import transformers_errors_only
 
 log = logging.getLogger(__name__)
 
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # The UNet modules SDXL LoRA trainers target: diffusers' train_dreambooth_lora_sdxl.py and
 # Replicate's cog-sdxl (attention projections); kohya's add feed-forward and projection layers.
 USUAL_UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -79,16 +79,7 @@ class AdapterCache:
 
     def injected_names(self) -> set[str]:
         """Adapter names present in any LoRA layer of the pipeline (ground truth, not bookkeeping)."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        names: set[str] = set()
-        for component in LORA_COMPONENTS:
-            model = getattr(self.pipe, component, None)
-            for module in model.modules() if model is not None else ():
-                if isinstance(module, BaseTunerLayer):
-                    for layer_name in module.adapter_layer_names:
-                        names.update(getattr(module, layer_name).keys())
-        return names
+        return {name for _, _, layer in lora_layers(self.pipe) for name in adapter_names(layer)}
 
     # -- mutation (engine lock held) -----------------------------------------------------------
 
@@ -189,9 +180,11 @@ class AdapterCache:
     def _inject(self, name: str, ready: PreparedLora, hotswap: bool = False) -> None:
         """A new adapter (or, with `hotswap`, new weights for adapter `name` through diffusers): into
         the layers PEFT already wrapped when it fits them (`inference.direct_injection`: no walk over
-        the model), else through diffusers' component loaders. On any failure nothing is left."""
+        the model), else through diffusers' component loaders. On any failure the model is left with
+        the modules and weights it had, and a refusal names the LoRA (the service drops its file)."""
         lora = ready.lora
         plan = None if hotswap or ready.unet is None else wrapped_plan(dict(self._named_unet_layers()), ready.unet)
+        layers_before = self._lora_layers()
         if plan is None:
             self._forget_layers()  # PEFT may wrap more layers
         else:
@@ -206,19 +199,14 @@ class AdapterCache:
                     load_into_pipeline(self.pipe, ready.weights.state_dict, adapter_name=name,
                                        network_alphas=ready.weights.network_alphas, metadata=ready.weights.metadata,
                                        hotswap=hotswap)
+                    if fault := load_fault(self.pipe, name):
+                        raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {fault}")
         except Exception as exc:
-            self._purge(name)
-            if isinstance(exc, ServiceError):
+            self._purge(name, keep_layers=layers_before)
+            error = _load_error(exc, lora)
+            if error is exc:
                 raise
-            if isinstance(exc, torch.OutOfMemoryError):  # the device's trouble, not the LoRA's: retryable 503
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                raise ServiceError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory while loading the LoRA; "
-                                   "retry, or use fewer LoRAs at once") from exc
-            text = str(exc)
-            if "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
-                raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}") from exc
-            raise ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}") from exc
+            raise error from exc
         how = "hot-swapped" if hotswap else "added to the wrapped layers" if plan is not None else "injected"
         log.info("adapter %s %s for %r in %.0f ms", name, how, lora.lora_id, (time.perf_counter() - started) * 1e3)
 
@@ -243,7 +231,7 @@ class AdapterCache:
         lora, unet_lora = ready.lora, ready.unet
         if unet_lora is None:
             return False
-        slot = {path: layer for path, layer in self._named_unet_layers() if name in layer.lora_A}
+        slot = {path: layer for path, layer in self._named_unet_layers() if has_adapter(layer, name)}
         plan = in_place_plan(slot, name, unet_lora)
         if plan is not None:
             self.fusing.unfuse()  # nothing can fail from here on
@@ -251,7 +239,7 @@ class AdapterCache:
             copy_in_place(plan, slot, name, unet_lora)
             log.info("adapter %s hot-swapped for %r (copied in place)", name, lora.lora_id)
             return True
-        refusal = hotswap_refusal(self.pipe.unet.peft_config[name], unet_lora.config)
+        refusal = hotswap_refusal(adapter_config(self.pipe.unet, name), unet_lora.config)
         if refusal:
             log.info("not hot-swapping %r into %s: %r", lora.lora_id, name, refusal[:200])
             return False
@@ -265,27 +253,11 @@ class AdapterCache:
         self._unload_tokens(adapter.tokens)
         log.info("adapter %s (%r) evicted", adapter.name, adapter.lora.lora_id)
 
-    def _purge(self, name: str) -> None:
-        """Remove every trace of adapter `name`, even after a half-finished injection."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
+    def _purge(self, name: str, keep_layers: list | None = None) -> None:
+        """Remove every trace of adapter `name`, even after a half-finished injection (and, with
+        `keep_layers`, the LoRA layers it wrapped: see `purge_adapter`)."""
         self._forget_layers()
-        try:
-            self.pipe.delete_adapters([name])
-        except Exception:  # a half-injected adapter may be unknown to some component's peft_config
-            log.debug("delete_adapters(%s) failed; sweeping layers", name, exc_info=True)
-        for component in LORA_COMPONENTS:
-            model = getattr(self.pipe, component, None)
-            if model is None:
-                continue
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer) and any(
-                    name in getattr(module, layer_name) for layer_name in module.adapter_layer_names
-                ):
-                    module.delete_adapter(name)
-            config = getattr(model, "peft_config", None)
-            if isinstance(config, dict):
-                config.pop(name, None)
+        purge_adapter(self.pipe, name, keep_layers)
 
     def _forget_layers(self) -> None:
         """Before the LoRA layers change: unfuse, and forget the active state and the layer list."""
@@ -307,24 +279,17 @@ class AdapterCache:
             self._active_state = previous
             return
         self.fusing.unfuse()
-        names = [name for name, _ in active]
         layers = self._lora_layers()
         for layer in layers:
-            set_active_adapters(layer, names)
-            for name, scale in active:
-                layer.set_scale(name, scale)  # ignores adapters this layer does not have
+            set_active_adapters(layer, active)
         if self.fuse and active:
-            self.fusing.fuse(layers, names)
+            self.fusing.fuse(layers, [name for name, _ in active])
         self._active_state = state
 
     def _named_layers(self) -> list[tuple[str, str, object]]:
         """(component, module path, layer) for every PEFT LoRA layer; cached until the layers change."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
         if self._layers is None:
-            models = [(c, getattr(self.pipe, c, None)) for c in LORA_COMPONENTS]
-            self._layers = [(c, path, m) for c, model in models if model is not None
-                            for path, m in model.named_modules() if isinstance(m, BaseTunerLayer)]
+            self._layers = lora_layers(self.pipe)
         return self._layers
 
     def _lora_layers(self) -> list:
@@ -332,3 +297,23 @@ class AdapterCache:
 
     def _named_unet_layers(self) -> list[tuple[str, object]]:
         return [(path, layer) for component, path, layer in self._named_layers() if component == "unet"]
+
+
+def _load_error(exc: Exception, lora: LoraFile) -> ServiceError:
+    """The contract error for a failed injection; a refusal (lora_invalid, lora_incompatible) names
+    the LoRA, so the service drops its file from the disk cache."""
+    if isinstance(exc, torch.OutOfMemoryError):  # the device's trouble, not the LoRA's: retryable 503
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return ServiceError(ErrorCode.OUT_OF_MEMORY, "the GPU ran out of memory while loading the LoRA; "
+                            "retry, or use fewer LoRAs at once")
+    text = str(exc)
+    if isinstance(exc, ServiceError):
+        error = exc
+    elif "size mismatch" in text or "correctly renamed" in text or "target modules" in text:
+        error = ServiceError(ErrorCode.LORA_INCOMPATIBLE, f"LoRA does not fit this model: {text[:300]}")
+    else:
+        error = ServiceError(ErrorCode.LORA_INVALID, f"LoRA could not be loaded: {text[:300]}")
+    if error.code in (ErrorCode.LORA_INVALID, ErrorCode.LORA_INCOMPATIBLE) and error.lora is None:
+        error.lora = lora
+    return error

@@ -17,7 +17,8 @@ plain down/up weights (DoRA, biases, dropout) goes through PEFT's injection as b
 from __future__ import annotations
 
 from inference.hotswap import UnetLora
-from inference.peft_internals import add_adapter_to_layer, is_plain_lora_linear, register_adapter_config
+from inference.peft_internals import (add_adapter_to_layer, is_plain_lora_linear, needs_peft_injection,
+                                      register_adapter_config)
 
 
 def wrapped_plan(layers: dict[str, object], lora: UnetLora) -> list[tuple] | None:
@@ -25,7 +26,7 @@ def wrapped_plan(layers: dict[str, object], lora: UnetLora) -> list[tuple] | Non
     Linear already (module path -> layer in `layers`) and the tensors have the shapes the config's
     rank gives; None when only PEFT's injection can add it."""
     config = lora.config
-    if config.use_dora or config.lora_bias or config.lora_dropout:
+    if needs_peft_injection(config):
         return None
     plan = []
     for path in lora.modules:

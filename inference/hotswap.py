@@ -15,7 +15,9 @@ from typing import Any
 import torch
 
 from inference.lora_compat import LoraSummary, LoraWeights
-from inference.peft_internals import alpha_for_scaling, lora_config_for, rank_and_alpha, set_rank_alpha
+from inference.peft_internals import (adapter_weight_shapes, has_adapter, lora_config_for, module_scaling,
+                                      rank_and_alpha, set_adapter_scaling, set_rank_alpha, uses_rslora,
+                                      uses_rslora_config, write_adapter_weights)
 
 
 def can_hotswap(old: LoraSummary, new: LoraSummary) -> bool:
@@ -54,9 +56,8 @@ class UnetLora:
     def rank_alpha(self, path: str) -> tuple[int, float]:
         return rank_and_alpha(self.config, path)
 
-    def scaling(self, path: str) -> float:
-        rank, alpha = self.rank_alpha(path)
-        return alpha / rank**0.5 if self.config.use_rslora else alpha / rank
+    def module_scaling(self, path: str) -> float:
+        return module_scaling(self.config, path)
 
 
 def in_place_plan(slot: dict[str, object], name: str, lora: UnetLora) -> list[tuple] | None:
@@ -66,8 +67,9 @@ def in_place_plan(slot: dict[str, object], name: str, lora: UnetLora) -> list[tu
     for path in lora.modules:
         layer = slot.get(path)
         down, up = lora.state.get(f"{path}.lora_A.weight"), lora.state.get(f"{path}.lora_B.weight")
-        if (layer is None or down is None or up is None or layer.use_rslora[name] != lora.config.use_rslora
-                or down.shape != layer.lora_A[name].weight.shape or up.shape != layer.lora_B[name].weight.shape):
+        if (layer is None or down is None or up is None
+                or uses_rslora(layer, name) != uses_rslora_config(lora.config)
+                or (down.shape, up.shape) != adapter_weight_shapes(layer, name)):
             return None
         plan.append((path, layer, down, up))
     return plan
@@ -77,16 +79,13 @@ def copy_in_place(plan: list[tuple], slot: dict[str, object], name: str, lora: U
     """Write `plan` into adapter `name`'s layers; the slot's layers the LoRA leaves out get zero
     weights, as PEFT's hotswap does. Nothing here can fail half-way on a valid plan."""
     covered = {id(layer) for _, layer, _, _ in plan}
-    with torch.no_grad():
-        for layer in slot.values():
-            if id(layer) not in covered:
-                layer.lora_A[name].weight.zero_()
-                layer.lora_B[name].weight.zero_()
-        for path, layer, down, up in plan:
-            layer.lora_A[name].weight.copy_(down)
-            layer.lora_B[name].weight.copy_(up)
-            rank, alpha = lora.rank_alpha(path)
-            set_rank_alpha(layer, name, rank, alpha, lora.scaling(path))
+    for layer in slot.values():
+        if id(layer) not in covered:
+            write_adapter_weights(layer, name, None, None)
+    for path, layer, down, up in plan:
+        write_adapter_weights(layer, name, down, up)
+        rank, alpha = lora.rank_alpha(path)
+        set_rank_alpha(layer, name, rank, alpha, lora.module_scaling(path))
 
 
 def give_each_module_its_scaling(named_layers: list[tuple[str, object]], name: str, lora: UnetLora) -> None:
@@ -95,6 +94,5 @@ def give_each_module_its_scaling(named_layers: list[tuple[str, object]], name: s
     keys, where they never match). `set_scale`, run on every activation, recomputes scaling from
     alpha and r, so alpha is rewritten to give each module its own alpha/rank."""
     for path, layer in named_layers:
-        if name in layer.scaling and path in lora.modules:
-            scaling = lora.scaling(path)
-            set_rank_alpha(layer, name, layer.r[name], alpha_for_scaling(layer, name, scaling), scaling)
+        if path in lora.modules and has_adapter(layer, name):
+            set_adapter_scaling(layer, name, lora.module_scaling(path))

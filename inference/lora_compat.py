@@ -24,6 +24,7 @@ import torch
 
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
+from inference.peft_internals import base_layer_of
 from inference.safetensors_buffer import load_buffer
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ def _check_component(component: str, model: torch.nn.Module, part: dict[str, tor
             module = model.get_submodule(module_path)
         except AttributeError:
             raise incompatible(f"{component} has no module {module_path!r} (a LoRA for another architecture, e.g. SD 1.5?)") from None
-        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        base = base_layer_of(module)
         down, up = pair["lora_A"], pair["lora_B"]
         rank = down.shape[0]
         if isinstance(base, torch.nn.Linear):

@@ -3,6 +3,7 @@ says exactly what the server checks (bearer auth only when a key is set)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -125,7 +126,7 @@ def test_a_lora_url_that_is_not_an_http_or_s3_url_is_invalid_request(url):
         response = http.post("/v1/generate", json=body)
     assert response.status_code == 422, response.text
     assert response.json()["error"]["code"] == "invalid_request" and "loras.0.url" in response.json()["error"]["message"]
-    error = json.loads(make_handler(_Unloaded())({"id": "job", "input": body})["error"])
+    error = json.loads(asyncio.run(make_handler(_Unloaded())({"id": "job", "input": body}))["error"])
     assert error["code"] == "invalid_request" and "loras.0.url" in error["message"]
 
 

@@ -7,6 +7,7 @@ deadline here is 2 s: only an interrupted generation lets the test go on in time
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -105,7 +106,7 @@ def test_a_client_that_hangs_up_stops_its_generation(base, files):
 
 def test_the_runpod_handler_answers_timeout_in_its_error_string(service, files):
     _, svc = service
-    output = make_handler(svc)({"id": "job-1", "input": body(files, None, **LARGE)})
+    output = asyncio.run(make_handler(svc)({"id": "job-1", "input": body(files, None, **LARGE)}))
     error = json.loads(output["error"])
     assert error["code"] == "timeout" and "SDXL_LORA_REQUEST_TIMEOUT_S" in error["message"]
-    assert make_handler(svc)({"id": "job-2", "input": body(files, None)}).get("images")
+    assert asyncio.run(make_handler(svc)({"id": "job-2", "input": body(files, None)})).get("images")

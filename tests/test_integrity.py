@@ -8,6 +8,7 @@ next start unless a live download holds its lock; a LoRA the pipeline refuses le
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -162,8 +163,8 @@ def test_user_values_cannot_start_a_log_line(engine, files, tmp_path, caplog):
         engine.adapters.clear()  # evicted
         flip_a_byte(tmp_path / "cache" / f"{sha}.safetensors")
         assert image(post(base, lora, prompt=f"TOK{FORGED}")) == expected  # damaged: evicted and fetched again
-        failed = make_handler(svc)({"id": f"job{FORGED}", "input": {"prompt": FORGED, "image": "data:image/png;base64,"
-                                                                                            "AAAA"}})
+        failed = asyncio.run(make_handler(svc)({"id": f"job{FORGED}", "input": {"prompt": FORGED, "image": "data:image/png;base64,"
+                                                                                            "AAAA"}}))
         assert json.loads(failed["error"])["code"] == "image_invalid"
     ours = [r.getMessage() for r in caplog.records if r.name.split(".")[0] in ("inference", "api", "handler", "sdxl_lora")]
     assert [m for m in ours if len(m.splitlines()) != 1] == []

@@ -3,6 +3,7 @@ never waits for a download. Over real HTTP on loopback and as a RunPod job, with
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 
@@ -128,7 +129,8 @@ def test_a_download_past_the_deadline_is_timeout_and_the_others_still_cache(bare
 
 
 def test_the_runpod_prefetch_job_answers_the_same_object(bare_service, lora_server):
-    handler = make_handler(bare_service(allow_private_urls=True))
+    runpod_handler = make_handler(bare_service(allow_private_urls=True))
+    handler = lambda job: asyncio.run(runpod_handler(job))  # noqa: E731  (the handler is async)
     output = handler({"id": "job", "input": {"prefetch": {"loras": [
         {"id": "a", "url": lora_server.url("a.safetensors")},
         {"id": "missing", "url": lora_server.url("missing.safetensors")}]}}})

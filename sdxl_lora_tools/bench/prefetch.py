@@ -20,6 +20,7 @@ child processes import `inference` from whatever PYTHONPATH names, which gives a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import json
 import os
@@ -90,7 +91,7 @@ def _child(plan: dict) -> list[dict]:
     for run in ("cold", "warm"):
         before = _reset_peak()
         started = time.perf_counter()
-        answer = handler(job)["loras"]
+        answer = asyncio.run(handler(job))["loras"]
         seconds = time.perf_counter() - started
         cached = {o["id"] for o in answer if o["status"] == "cached"}
         on_disk = {f.lora_id for f in service.store.entries()}
