@@ -199,7 +199,6 @@ MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 400, 250, 60
 SIZED_PACKAGES = ("inference", "api", "handler", "sdxl_lora_client")
 # Modules other helpers are splitting now (issue 26); the lead empties this at merge.
 SPLIT_IN_PROGRESS = {
-    "inference/lora_store.py", "inference/service.py", "inference/fetch.py", "api/app.py",
     "client/sdxl_lora_client/applicator.py",
 }
 
