@@ -62,6 +62,7 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
     metrics = Metrics()
     state = _State(settings, service, metrics, settings.shutdown_grace_s if grace_s is None else grace_s)
     metrics.count_renders(lambda: state.service.images_rendered if state.service else 0)
+    metrics.count_recompiles(lambda: state.service.engine.recompiles if state.service and state.service.engine else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
