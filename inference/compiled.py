@@ -69,10 +69,10 @@ class CompileCounter:
 class CompileCache:
     """One file of compile artifacts per configuration, in a folder the fleet shares."""
 
-    def __init__(self, folder: Path | None, key_parts: dict[str, str]):
-        self.folder = folder
+    def __init__(self, folder: Path | str | None, key_parts: dict[str, str]):
+        self.folder = Path(folder) if folder is not None else None
         digest = hashlib.sha256(repr(sorted(key_parts.items())).encode()).hexdigest()[:24]
-        self.path = folder / f"unet-{digest}.bin" if folder is not None else None
+        self.path = self.folder / f"unet-{digest}.bin" if self.folder is not None else None
         self.key_parts = key_parts
 
     def load(self) -> bool:
