@@ -90,6 +90,8 @@ class CompileCache:
         """Write this process's artifacts (tmp file + rename: readers see a whole file or none)."""
         artifacts = torch.compiler.save_cache_artifacts()
         if self.path is None or not artifacts or not artifacts[0]:
+            if self.path is not None:  # e.g. a backend with no artifacts (eager), or inductor bypassed its caches
+                log.warning("no compile artifacts to save to %s", self.path)
             return False
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
