@@ -45,6 +45,8 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
     metrics = Metrics()
     admission = Admission(settings, service, metrics, settings.shutdown_grace_s if grace_s is None else grace_s)
     metrics.count_renders(lambda: admission.service.images_rendered if admission.service else 0)
+    metrics.count_recompiles(lambda: admission.service.engine.recompiles
+                             if admission.service and admission.service.engine else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -37,6 +37,10 @@ class Metrics:
         """Export `images_rendered()` as sdxl_lora_images_generated_total, read at each scrape."""
         self.registry.register(_RenderedImages(images_rendered))
 
+    def count_recompiles(self, recompiles: Callable[[], int]) -> None:
+        """Export `recompiles()` (graphs compiled after the warm-up) as sdxl_lora_recompiles_total."""
+        self.registry.register(_Recompiles(recompiles))
+
     def observe(self, response: GenerateResponse) -> None:
         timings = response.timings_ms
         for phase in PHASES:
@@ -58,3 +62,14 @@ class _RenderedImages:
     def collect(self):
         yield CounterMetricFamily("sdxl_lora_images_generated", "Images the pipeline rendered",
                                   value=self.images_rendered())
+
+
+class _Recompiles:
+    """Graphs torch compiled after the warm-up (COMPILE=on): 0 in a healthy worker; each new image
+    size adds its compiles once."""
+
+    def __init__(self, recompiles: Callable[[], int]):
+        self.recompiles = recompiles
+
+    def collect(self):
+        yield CounterMetricFamily("sdxl_lora_recompiles", "Graphs compiled after the warm-up", value=self.recompiles())

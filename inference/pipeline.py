@@ -17,9 +17,11 @@ import torch
 from PIL import Image
 
 from inference.adapters import AdapterCache
+from inference.compiled import CompileCache, CompiledUnet, cache_key, parse_sizes
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, RequestCancelled, ServiceError
 from inference.lora_file import LoraFile
+from inference.patched_adapters import PatchedAdapterCache
 from inference.prepared import PreparedLora, prepare
 from inference.quiet import quiet_libraries
 
@@ -129,7 +131,9 @@ class Engine:
 
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_resident_adapters: int = 8,
                  fuse_adapters: str | bool = "auto",  # auto | on | off (SDXL_LORA_FUSE_ADAPTERS), or a bool
-                 vae: str | None = None):  # SDXL_LORA_VAE: a VAE to use instead of the model's
+                 vae: str | None = None,  # SDXL_LORA_VAE: a VAE to use instead of the model's
+                 compile: str | bool = "off", compile_warmup: str = "1024x1024",  # SDXL_LORA_COMPILE(_WARMUP)
+                 compile_backend: str = "inductor", compile_cache_dir: Path | None = None):
         quiet_libraries()
         from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
@@ -145,11 +149,29 @@ class Engine:
         self.img2img.set_progress_bar_config(disable=True)
         # auto: fused on CUDA, where unfused LoRA layers cost most; on CPU a switch would pay the merge
         fuse = self.device.type == "cuda" if fuse_adapters == "auto" else fuse_adapters in (True, "on")
-        self.adapters = AdapterCache(self.txt2img, max_resident_adapters, fuse=fuse)
+        self.compiled = None  # inference.compiled.CompiledUnet with COMPILE=on
+        if compile in (True, "on"):
+            self.adapters = PatchedAdapterCache(self.txt2img, max_resident_adapters, fuse=fuse)
+        else:
+            self.adapters = AdapterCache(self.txt2img, max_resident_adapters, fuse=fuse)
         self.adapters.wrap_usual_targets()
         self.lock = threading.Lock()
+        if compile in (True, "on"):
+            self._compile(compile_backend, parse_sizes(compile_warmup), compile_cache_dir)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s (%s) in %.1f s", model, self.device, self.dtype, self.load_seconds)
+
+    def _compile(self, backend: str, sizes: list[tuple[int, int]], cache_dir: Path | None) -> None:
+        """The UNet compiled and warmed for `sizes` (see `inference.compiled`) before the engine exists."""
+        self.compiled = CompiledUnet(self.txt2img.unet, backend)
+        cache = CompileCache(cache_dir, cache_key(self.model_id, self.device, self.dtype, backend, sizes))
+        self.compiled.warm_up(lambda w, h, guidance: self._one_image(GenerationJob(
+            prompt="warm-up", width=w, height=h, num_inference_steps=2, guidance_scale=guidance), 0), sizes, cache)
+
+    @property
+    def recompiles(self) -> int:
+        """Graphs compiled after the warm-up (sdxl_lora_recompiles_total); 0 without COMPILE=on."""
+        return self.compiled.recompiles if self.compiled is not None else 0
 
     def prepare(self, lora: LoraFile) -> PreparedLora | None:
         """`lora` read, verified, parsed and preflighted for this pipeline, without the lock (see

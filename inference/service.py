@@ -89,7 +89,9 @@ class InferenceService:
             s = self.settings
             self.engine = Engine(resolve_model(s.model), device=s.device, dtype=s.dtype,
                                  max_resident_adapters=s.max_resident_adapters,
-                                 fuse_adapters=s.fuse_adapters, vae=resolve_model(s.vae) if s.vae else None)
+                                 fuse_adapters=s.fuse_adapters, vae=resolve_model(s.vae) if s.vae else None,
+                                 compile=s.compile, compile_warmup=s.compile_warmup, compile_backend=s.compile_backend,
+                                 compile_cache_dir=s.lora_cache_dir.parent / "compile")
         if self.settings.identity_model and self.identity == "not loaded":
             self.identity = "loading"
             if identity_in_background:

@@ -71,3 +71,9 @@ class Settings(BaseSettings):
     identity_model: str | None = None
     # Merge the active LoRAs into the weights (exactly undone on a switch): auto = on CUDA only.
     fuse_adapters: Literal["auto", "on", "off"] = "auto"
+    # torch.compile (inference/compiled.py): `on` compiles the UNet at start for the COMPILE_WARMUP
+    # sizes (comma list of WIDTHxHEIGHT) before /readyz is 200; its LoRAs are then patched into the
+    # weights, so no request compiles again. compile_backend is not in the contract (tests use eager).
+    compile: Literal["on", "off"] = "off"
+    compile_warmup: str = "1024x1024"
+    compile_backend: str = "inductor"
