@@ -36,10 +36,14 @@ class PatchedAdapterCache(AdapterCache):
         unet_part, text_part = split_by_component(ready.weights)
         if unet_part is not None:
             unet_lora = ready.unet or UnetLora.parse(unet_part)  # parsed already when the LoRA is UNet-only
-            if unet_lora is None:
-                raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, "with SDXL_LORA_COMPILE=on a LoRA's UNet layers must be "
-                                   "plain lora_A/lora_B pairs (no biases, no DoRA)")
-            self.patcher.add(name, unet_lora)
+            try:
+                if unet_lora is None:
+                    raise ServiceError(ErrorCode.LORA_INCOMPATIBLE, "with SDXL_LORA_COMPILE=on a LoRA's UNet layers "
+                                       "must be plain lora_A/lora_B pairs (no biases, no DoRA)")
+                self.patcher.add(name, unet_lora)
+            except ServiceError as exc:
+                exc.lora = ready.lora  # a refusal names the LoRA: the service drops its file
+                raise
         if text_part is not None:
             self._in_peft.add(name)
             try:
@@ -48,11 +52,11 @@ class PatchedAdapterCache(AdapterCache):
                 self.patcher.drop(name)
                 raise
 
-    def _purge(self, name: str) -> None:
+    def _purge(self, name: str, keep_layers: list | None = None) -> None:
         self.patcher.drop(name)
         if name in self._in_peft:
             self._in_peft.discard(name)
-            super()._purge(name)
+            super()._purge(name, keep_layers)
 
     def _set_active(self, active: list[tuple[str, float]]) -> None:
         self.patcher.apply(active)
