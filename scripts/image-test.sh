@@ -99,7 +99,8 @@ request=$(cat <<EOF
 EOF
 )
 worker=(--network none -v "$work/model:/model:ro" -v "$work/lora:/lora:ro" -v "$PREFIX-volume:/runpod-volume"
-        -e SDXL_LORA_DEVICE=cpu -e SDXL_LORA_MODEL=/model -e SDXL_LORA_ALLOW_PRIVATE_URLS=1)
+        -e SDXL_LORA_DEVICE=cpu -e SDXL_LORA_MODEL=/model -e SDXL_LORA_ALLOW_PRIVATE_URLS=1
+        -e SDXL_LORA_COMPILE=off)  # the image compiles by default: on a CPU that is minutes, tested elsewhere
 # Serve /lora on 127.0.0.1:8001 inside the container, then exec the command given.
 with_files='python -m http.server 8001 --bind 127.0.0.1 --directory /lora >/tmp/files.log 2>&1 & exec "$@"'
 

@@ -46,7 +46,7 @@ def test_root_prepares_the_volume_and_the_command_runs_as_the_app_user(volume, a
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1000", app_user.pw_dir]
     assert volume.stat().st_uid == 0  # the volume itself stays root's
-    for folder in ("sdxl-lora", "sdxl-lora/loras", "sdxl-lora/idempotency"):
+    for folder in ("sdxl-lora", "sdxl-lora/loras", "sdxl-lora/idempotency", "sdxl-lora/compile"):
         assert (volume / folder).stat().st_uid == 1000
     assert (volume / "sdxl-lora/loras/written").stat().st_uid == 1000
     assert "is shared by the workers" in done.stderr
