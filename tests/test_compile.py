@@ -217,9 +217,7 @@ def test_patched_weights_compute_what_peft_layers_compute():
     patcher.apply([("a", 0.7), ("b", -1.2)])
     for path in ("proj", "conv"):
         layer = reference.get_submodule(path)
-        set_active_adapters(layer, ["a", "b"])
-        layer.set_scale("a", 0.7)
-        layer.set_scale("b", -1.2)
+        set_active_adapters(layer, [("a", 0.7), ("b", -1.2)])
     x, image = torch.randn(3, 8), torch.randn(2, 4, 7, 7)
     with torch.no_grad():
         for got, want in zip(block(x, image), reference(x, image)):
