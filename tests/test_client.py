@@ -311,7 +311,8 @@ def test_compat_probe_reports_lora_like_inputs(capsys):
 
 def test_runpod_backend_matches_the_service_backend(tmp_path, store, files, service, tiny_model):
     env = dict(os.environ, SDXL_LORA_MODEL=str(tiny_model), SDXL_LORA_DEVICE="cpu",
-               SDXL_LORA_ALLOW_PRIVATE_URLS="true", SDXL_LORA_LORA_CACHE_DIR=str(tmp_path / "w"), PYTHONPATH=str(ROOT))
+               SDXL_LORA_ALLOW_PRIVATE_URLS="true", SDXL_LORA_LORA_CACHE_DIR=str(tmp_path / "w"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "client")]))  # this checkout's client too
     proc, base = start_handler_api(env, ROOT)
     try:
         via_runpod = applicator(store, RunPodBackend(None, None, base_url=base)).apply(

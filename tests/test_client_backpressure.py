@@ -18,8 +18,8 @@ from sdxl_lora_client import (
     AsyncLoraApplicator, BackendError, ClipPrompt, EnhanceOptions, GenerateRequest, LoraApplicator, RunPodBackend,
     ServiceBackend, SqlStore,
 )
-from sdxl_lora_client.applicator import idempotency_key
-from sdxl_lora_client.backends import retry_after_s
+from sdxl_lora_client.clip_requests import idempotency_key
+from sdxl_lora_client.retry import retry_after_s
 from sdxl_lora_client.testing import TINY_PNG_BASE64, ScriptedBackend
 
 REF = "https://cdn.example/ref-{}.png"
@@ -218,7 +218,11 @@ def test_prefetch_reads_the_record_and_says_how_it_went(store):
         failed = applicator.prefetch("char")
         assert (failed.ok, failed.reason, failed.message) == (False, "lora_download_failed", "scripted")
         assert applicator.prefetch("nobody").reason == "lora_not_ready"
-    with LoraApplicator(store=store, preprocessing=object()) as applicator:
+    class GenerateOnly:  # a blocking backend of the caller's that cannot prefetch
+        def generate(self, request, idempotency_key=None):
+            return backend.generate(request, idempotency_key)
+
+    with LoraApplicator(store=store, preprocessing=GenerateOnly()) as applicator:
         assert applicator.prefetch("char").reason == "backend_unavailable"
 
 

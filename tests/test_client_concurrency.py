@@ -16,7 +16,7 @@ from PIL import Image
 
 from sdxl_lora_tools.bench.clips import FixedLatencyService, seed_colour
 from sdxl_lora_client import AsyncLoraApplicator, ClipPrompt, LoraApplicator, ServiceBackend, SqlStore
-from sdxl_lora_client.applicator import clip_seed
+from sdxl_lora_client.clip_requests import clip_seed
 from sdxl_lora_client.testing import ScriptedBackend
 from tests.fakes import LiveServer
 
@@ -115,7 +115,7 @@ def test_a_backend_with_only_generate_works_with_the_async_applicator(store):
         def __init__(self):
             self.inner = ScriptedBackend({})
 
-        def generate(self, request):
+        def generate(self, request, idempotency_key=None):
             return self.inner.generate(request)
 
     result = apply("async", store, SyncOnly(), "job", clips(2))

@@ -44,7 +44,7 @@ class ScriptedBackend:
         self.scores = dict(zip((clip.character_reference_urls[0] for clip in clips()), scores, strict=True))
         self.requests: list[GenerateRequest] = []
 
-    def generate(self, request: GenerateRequest) -> GenerateResponse:
+    def generate(self, request: GenerateRequest, idempotency_key: str | None = None) -> GenerateResponse:
         self.requests.append(request)
         return GenerateResponse.model_validate(response_json(self.scores[request.image]))
 

@@ -15,8 +15,8 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "AsyncLoraApplicator": "applicator", "EnhanceOptions": "applicator", "LoraApplicator": "applicator",
-    "Pricing": "applicator",
+    "AsyncLoraApplicator": "applicator", "EnhanceOptions": "options", "LoraApplicator": "applicator",
+    "Pricing": "options",
     "RunPodBackend": "backends", "ServiceBackend": "backends",
     "VideoModel": "compat", "load_matrix": "compat",
     "ErrorCode": "contract", "GenerateRequest": "contract", "GenerateResponse": "contract", "ImageOut": "contract",
@@ -29,7 +29,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from sdxl_lora_client.applicator import AsyncLoraApplicator, EnhanceOptions, LoraApplicator, Pricing
+    from sdxl_lora_client.applicator import AsyncLoraApplicator, LoraApplicator
+    from sdxl_lora_client.options import EnhanceOptions, Pricing
     from sdxl_lora_client.backends import RunPodBackend, ServiceBackend
     from sdxl_lora_client.compat import VideoModel, load_matrix
     from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse, ImageOut

@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
-from email.utils import parsedate_to_datetime
 
 import httpx
 from pydantic import ValidationError
@@ -25,6 +23,7 @@ from pydantic import ValidationError
 from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse, PrefetchRequest, PrefetchResponse
 from sdxl_lora_client.errors import BackendError, ClientCode
 from sdxl_lora_client.http import LoopClients
+from sdxl_lora_client.retry import retry_after_s
 
 __all__ = ["BackendError", "RETRYABLE_CODES", "RunPodBackend", "ServiceBackend", "idempotency_header"]
 
@@ -33,8 +32,6 @@ __all__ = ["BackendError", "RETRYABLE_CODES", "RunPodBackend", "ServiceBackend",
 # service's deadline means a loaded GPU or a slow first download, not a request too big to ever fit.
 RETRYABLE_CODES = frozenset({ErrorCode.BUSY, ErrorCode.OUT_OF_MEMORY, ErrorCode.UPLOAD_FAILED, ErrorCode.TIMEOUT,
                              ErrorCode.INTERNAL, ClientCode.BACKEND_UNAVAILABLE, ClientCode.INVALID_ANSWER})
-# "retry after 3 s", "Retry-After: 2.5", "retry_after=4": how a busy RunPod worker says it in its message.
-_RETRY_AFTER_IN_TEXT = re.compile(r"retry[\s_-]*after\D{0,12}?(\d+(?:\.\d+)?)", re.IGNORECASE)
 
 
 def idempotency_header(key: str | None) -> dict[str, str]:
@@ -185,21 +182,6 @@ def _error_from_body(body) -> BackendError | None:
     message = str(error.get("message", error)) if isinstance(error, dict) else str(error)
     retry_after = retry_after_s(None, message) if code == ErrorCode.BUSY else None
     return BackendError(f"{code}: {message}", code, code in RETRYABLE_CODES, retry_after)
-
-
-def retry_after_s(header: str | None, message: str = "") -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), else from a message
-    saying "retry after N s"; None when neither names a wait."""
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
-    match = _RETRY_AFTER_IN_TEXT.search(message)
-    return float(match.group(1)) if match else None
 
 
 class RunPodBackend(_Backend):
