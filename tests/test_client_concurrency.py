@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from decimal import Decimal
 
 import pytest
 from PIL import Image
@@ -106,6 +107,10 @@ def test_async_and_sync_applicators_give_the_same_result(store, fake_service):
     _, base = fake_service
     sync = apply("sync", store, ServiceBackend(base), "job-a", clips(3))
     again = apply("async", store, ServiceBackend(base), "job-a", clips(3))
+    assert [o.cost for o in sync.outcomes] == [Decimal("0.005")] * 3
+    assert [o.cost for o in again.outcomes] == [Decimal(0)] * 3, "the replay charged nothing: its cost is 0"
+    for outcome in again.outcomes:
+        outcome.cost = Decimal("0.005")
     assert again == sync, "same job, same clips, same enhanced references and warnings"
     assert len(assert_costs_consistent(store, "job-a")) == 3, "the replay charged nothing twice"
 

@@ -27,10 +27,12 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
+from sdxl_lora_client.answers import ImageFetcher
 from sdxl_lora_client.clip_requests import clip_seed
 from sdxl_lora_client.compat import VideoModel, load_matrix
 from sdxl_lora_client.contract import ErrorCode, PrefetchLora, PrefetchRequest
 from sdxl_lora_client.errors import BackendError, ClientCode, LedgerError
+from sdxl_lora_client.fair_slots import OldestFirstSlots
 from sdxl_lora_client.job import JobContext, JobRun, Sleep
 from sdxl_lora_client.ledger import LedgerCalls
 from sdxl_lora_client.loop_thread import LoopThread
@@ -46,7 +48,9 @@ __all__ = ["ApplyResult", "AsyncLoraApplicator", "ClipPrompt", "EnhanceOptions",
 
 log = logging.getLogger("sdxl_lora_client")
 
-DEFAULT_JOB_DEADLINE_S = 900.0
+# The worst case a hung service costs a job, with the defaults: 4 attempts x the backends' 120 s
+# timeout + the 2 + 4 + 8 s waits = 494 s, inside this deadline (README: the arithmetic).
+DEFAULT_JOB_DEADLINE_S = 600.0
 DEFAULT_LEDGER_WAIT_S = 30.0
 # Requests in flight across every job of one applicator (README: `sdxl-lora bench jobs`).
 DEFAULT_MAX_IN_FLIGHT = 8
@@ -93,21 +97,23 @@ class _Applicator:
         self.max_in_flight = max_in_flight
         self.job_deadline_s = job_deadline_s
         self.sleep: Sleep = asyncio.sleep if sleep is None else sleep
-        self._in_flight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+        self._in_flight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, OldestFirstSlots] = (
             weakref.WeakKeyDictionary())
         self._in_flight_lock = threading.Lock()
         self.ledger = LedgerCalls(self._threads, ledger_wait_s)
+        self.fetcher = ImageFetcher()
 
-    def in_flight(self) -> asyncio.Semaphore:
-        """The running loop's slots for requests in flight, shared by every job of this applicator."""
+    def in_flight(self) -> OldestFirstSlots:
+        """The running loop's slots for requests in flight, shared by every job of this applicator
+        and served oldest job first."""
         loop = asyncio.get_running_loop()
         with self._in_flight_lock:
-            return self._in_flight.setdefault(loop, asyncio.Semaphore(self.max_in_flight))
+            return self._in_flight.setdefault(loop, OldestFirstSlots(self.max_in_flight))
 
     def _context(self) -> JobContext:
         return JobContext(self.store, self.ledger, self.preprocessing, self.replicate, self.matrix, self.pricing,
                           self.options, self.retry, self.max_concurrent_clips, self.job_deadline_s, self.in_flight(),
-                          self.sleep)
+                          self.sleep, self.fetcher)
 
     async def _apply(self, job_id: str, clips: list[ClipPrompt], video_model: str,
                      lora_model_id: str | None) -> ApplyResult:
@@ -165,10 +171,10 @@ class _Applicator:
         return PrefetchResult(lora_model_id, True, loras=answer.loras)
 
     async def _aclose_clients(self) -> None:
-        await aclose_clients(self.preprocessing, self.replicate)
+        await aclose_clients(self.preprocessing, self.replicate, self.fetcher)
 
     def _close_clients(self) -> None:
-        close_clients(self.preprocessing, self.replicate)
+        close_clients(self.preprocessing, self.replicate, self.fetcher)
         self._threads.shutdown(wait=True)
 
 
@@ -267,12 +273,11 @@ def _prefetch_failed(lora_id: str, reason: str, message: str, loras=()) -> Prefe
 
 
 def _all_original(job_id: str, clips: list[ClipPrompt], reason: str, why: str) -> ApplyResult:
-    """Every clip keeps its references, for one job-wide reason: one warning per clip."""
+    """Every clip keeps its references, for one job-wide reason: one warning for the job."""
     outcomes = [ClipOutcome(c.clip_id, reason=reason) for c in clips]
-    warnings = [f"clip {c.clip_id}: original reference kept ({reason}: {why})" for c in clips]
-    for warning in warnings:
-        log.warning("job %s: %s", job_id, warning)
-    return ApplyResult("reference_fallback", clips, outcomes, warnings=warnings)
+    warning = f"all {len(clips)} clips: original reference kept ({reason}: {why})"
+    log.warning("job %s: %s", job_id, warning)
+    return ApplyResult("reference_fallback", clips, outcomes, warnings=[warning])
 
 
 def _not_ready_reason(lora_id: str, record: LoraRecord | None) -> str:
@@ -292,12 +297,11 @@ def _prefetch_failed(lora_id: str, reason: str, message: str, loras: Sequence[An
 
 
 def _all_original(job_id: str, clips: list[ClipPrompt], reason: str, why: str) -> ApplyResult:
-    """Every clip keeps its references, for one job-wide reason: one warning per clip."""
+    """Every clip keeps its references, for one job-wide reason: one warning for the job."""
     outcomes = [ClipOutcome(c.clip_id, reason=reason) for c in clips]
-    warnings = [f"clip {c.clip_id}: original reference kept ({reason}: {why})" for c in clips]
-    for warning in warnings:
-        log.warning("job %s: %s", job_id, warning)
-    return ApplyResult("reference_fallback", clips, outcomes, warnings=warnings)
+    warning = f"all {len(clips)} clips: original reference kept ({reason}: {why})"
+    log.warning("job %s: %s", job_id, warning)
+    return ApplyResult("reference_fallback", clips, outcomes, warnings=[warning])
 
 
 def _is_coroutine_function(fn: object) -> bool:

@@ -34,6 +34,11 @@ RETRYABLE_CODES = frozenset({ErrorCode.BUSY, ErrorCode.OUT_OF_MEMORY, ErrorCode.
                              ErrorCode.INTERNAL, ClientCode.BACKEND_UNAVAILABLE, ClientCode.INVALID_ANSWER})
 
 
+# One attempt's bound: 4 attempts of it and the 2 + 4 + 8 s waits (494 s) fit the applicator's
+# 600 s job deadline. A slower answer is not lost: the retry's idempotency key gets it.
+DEFAULT_TIMEOUT_S = 120.0
+
+
 def idempotency_header(key: str | None) -> dict[str, str]:
     return {"Idempotency-Key": key} if key else {}
 
@@ -85,7 +90,7 @@ class _Backend:
 class ServiceBackend(_Backend):
     """The FastAPI service (`sdxl-lora serve`): POST /v1/generate, POST /v1/loras/prefetch."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 300.0,
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  transport: httpx.BaseTransport | None = None, async_transport: httpx.AsyncBaseTransport | None = None):
         super().__init__("service", base_url, api_key, timeout_s, transport, async_transport)
 
@@ -193,7 +198,7 @@ class RunPodBackend(_Backend):
     """
 
     def __init__(self, endpoint_id: str | None, api_key: str | None, base_url: str = "https://api.runpod.ai/v2",
-                 timeout_s: float = 300.0, poll_interval_s: float = 1.0, transport: httpx.BaseTransport | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, poll_interval_s: float = 1.0, transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None):
         root = base_url.rstrip("/") + (f"/{endpoint_id}" if endpoint_id else "")
         super().__init__("RunPod", root, api_key, timeout_s, transport, async_transport)

@@ -8,17 +8,20 @@ applicator: the flow reads top to bottom here, and the applicator only configure
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from decimal import Decimal
 from functools import partial
 
+from sdxl_lora_client.answers import ImageFetcher, check_generate_answer, check_prediction
 from sdxl_lora_client.clip_requests import enhance_request, idempotency_key
 from sdxl_lora_client.compat import VideoModel, direct_model
-from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse, ImageOut
+from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse
 from sdxl_lora_client.errors import BackendError, ClientCode, LedgerError, ReplicateError
 from sdxl_lora_client.ledger import LedgerCalls
+from sdxl_lora_client.fair_slots import OldestFirstSlots, Priority
 from sdxl_lora_client.options import EnhanceOptions, Pricing
 from sdxl_lora_client.outcomes import ApplyResult, ClipOutcome, ClipPrompt, Path
 from sdxl_lora_client.preprocessing import PreprocessingBackend
@@ -42,6 +45,7 @@ NOT_CONTAGIOUS = CLIP_OWN_CODES | {ErrorCode.BUSY, ClientCode.DEADLINE_EXCEEDED}
 DIRECT_RETRY = RetryPolicy(waits=(0.0,))
 
 Sleep = Callable[[float], Awaitable[None]]
+_JOB_ORDER = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,23 @@ class JobContext:
     retry: RetryPolicy
     max_concurrent_clips: int
     job_deadline_s: float
-    in_flight: asyncio.Semaphore  # requests in flight across the applicator's jobs on this loop
+    in_flight: OldestFirstSlots  # requests in flight across the applicator's jobs on this loop
     sleep: Sleep
+    fetcher: ImageFetcher  # for images delivered by URL
+
+
+def warning_lines(runs: list[ClipRun]) -> list[str]:
+    """One line per reason: clips that fell back for the same reason and detail share it."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for run in runs:
+        if run.outcome.reason and run.outcome.reason != ClientCode.NO_CHARACTER_REFERENCE:
+            groups.setdefault((run.outcome.status, run.outcome.reason, run.why), []).append(run.clip.clip_id)
+    lines = []
+    for (status, reason, why), clip_ids in groups.items():
+        who = f"clip {clip_ids[0]}" if len(clip_ids) == 1 else f"clips {', '.join(clip_ids)}"
+        what = "original reference kept" if status == "original" else "enhanced reference used"
+        lines.append(f"{who}: {what} ({reason}: {why})")
+    return lines
 
 
 class ClipRun:
@@ -71,6 +90,7 @@ class ClipRun:
         self.why = ""  # with a reason: the detail for the warning
         self.pending: list[Charge] = []  # work done, to be charged once the clip's work is over
         self.unrecorded: list[Charge] = []
+        self.priority: Priority = (0.0, 0, 0)  # its job's deadline and order, its place in the job
 
     def fall_back(self, reason: str, why: str) -> None:
         self.outcome.status, self.outcome.reason, self.outcome.image, self.why = "original", str(reason), None, why
@@ -84,6 +104,7 @@ class JobRun:
         self.job_id = job_id
         self.record = record
         self.deadline = deadline  # the event loop's clock
+        self.order = next(_JOB_ORDER)  # with the deadline: its clips' place in the applicator's queue
         self.warnings: list[str] = []  # job-wide ones, before the clips'
         # Set once a clip has given up on preprocessing for a reason its siblings would meet too:
         # clips that start later keep their originals at once (clips already running finish their own).
@@ -106,16 +127,16 @@ class JobRun:
         else:
             slots = asyncio.Semaphore(self.c.max_concurrent_clips)
             async with asyncio.TaskGroup() as clips_group:
-                for run in runs:
+                for index, run in enumerate(runs):
+                    run.priority = (self.deadline, self.order, index)  # oldest job (earliest deadline) first
                     clips_group.create_task(self.one(run, entry, slots))
         return self.result(runs, entry)
 
     def result(self, runs: list[ClipRun], entry: VideoModel | None) -> ApplyResult:
         warnings = list(self.warnings)
-        for run in runs:
-            if run.outcome.reason and run.outcome.reason != ClientCode.NO_CHARACTER_REFERENCE:
-                warnings.append(f"clip {run.clip.clip_id}: original reference kept ({run.outcome.reason}: {run.why})")
-                log.warning("job %s: %s", self.job_id, warnings[-1])
+        for line in warning_lines(runs):
+            warnings.append(line)
+            log.warning("job %s: %s", self.job_id, line)
         outcomes = [run.outcome for run in runs]
         unrecorded = [charge for run in runs for charge in run.unrecorded]
         clips = [run.clip for run in runs]
@@ -157,8 +178,10 @@ class JobRun:
         while run.pending:
             charge = run.pending[0]
             try:
-                await self.c.ledger.call(self.c.store.charge, charge.job_id, charge.clip_id, charge.stage,
-                                         charge.api_name, charge.cost, charge.details)
+                new = await self.c.ledger.call(self.c.store.charge, charge.job_id, charge.clip_id, charge.stage,
+                                               charge.api_name, charge.cost, charge.details)
+                if not new:  # charged by an earlier apply() of this job: this one charged nothing
+                    run.outcome.cost -= charge.cost
             except LedgerError as exc:
                 log.error("job %s: clip %s: charge of %s not recorded (%s); it is in unrecorded_charges",
                           self.job_id, charge.clip_id, charge.cost, exc)
@@ -182,24 +205,34 @@ class JobRun:
             run.outcome.attempts += 1
             try:
                 prediction = await self.c.replicate.run(entry.replicate_model, inputs)
+                video_url = check_prediction(prediction)
             except ReplicateError as exc:
                 failures += 1
                 log.info("job %s: clip %s: direct LoRA attempt %d failed: %s", self.job_id, clip.clip_id, failures, exc)
                 wait = DIRECT_RETRY.failure_wait(failures)
                 if wait is None:
-                    break
+                    return await self.direct_failed(run, entry, exc)
                 if wait:
                     await self.c.sleep(wait)
                 continue
-            clip.video_url = next(iter(prediction.output_urls()), None)
+            clip.video_url = video_url
             self.owe(run, API_DIRECT, self.c.pricing.direct_per_clip,
                      {"model": entry.replicate_model, "attempt": failures + 1, "prediction": prediction.id})
             run.outcome.status = "direct"
             return
+
+    async def direct_failed(self, run: ClipRun, entry: VideoModel, error: ReplicateError) -> None:
+        """Preprocess the clip and predict without the LoRA; the outcome says the direct path failed."""
+        clip = run.clip
         await self.preprocess(run)
+        direct_why = f"the direct LoRA path failed twice ({error})"
+        if run.outcome.reason in (None, ClientCode.NO_CHARACTER_REFERENCE):
+            run.outcome.reason, run.why = ClientCode.DIRECT_FAILED, direct_why
+        else:
+            run.why = f"{direct_why}; then {run.why}"
         try:
-            prediction = await self.c.replicate.run(entry.replicate_model, _video_inputs(clip, entry))
-            clip.video_url = next(iter(prediction.output_urls()), None)
+            clip.video_url = check_prediction(await self.c.replicate.run(entry.replicate_model,
+                                                                         _video_inputs(clip, entry)))
         except ReplicateError as exc:
             self.warn(f"clip {clip.clip_id}: video prediction without LoRA failed too: {exc}")
 
@@ -222,7 +255,7 @@ class JobRun:
         key = idempotency_key(self.job_id, clip.clip_id, request)
         try:
             # Another apply() of this job in this process may be sending this very request: share it.
-            response, _ = await shared(key, partial(self._generate_with_retries, run, request, key))
+            (response, reference), _ = await shared(key, partial(self._generate_with_retries, run, request, key))
         except BackendError as exc:
             run.fall_back(exc.code, str(exc))
             if exc.code not in NOT_CONTAGIOUS:
@@ -236,20 +269,23 @@ class JobRun:
                   "lora_source": response.loras[0].source if response.loras else None,
                   "identity_score": image.identity_score, "accepted": accepted})
         if accepted:
-            clip.character_reference_urls[0] = _reference_of(image)
+            clip.character_reference_urls[0] = reference
             run.outcome.status, run.outcome.image = "enhanced", image
 
-    async def _generate_with_retries(self, run: ClipRun, request: GenerateRequest, key: str) -> GenerateResponse:
-        """The backend call, retried on the policy's schedule while the error is retryable; a busy
-        answer waits its Retry-After (with jitter) while that fits the job's deadline."""
+    async def _generate_with_retries(self, run: ClipRun, request: GenerateRequest,
+                                     key: str) -> tuple[GenerateResponse, str]:
+        """The backend call and the check of its answer (the answer and the reference it gives),
+        retried on the policy's schedule while the error is retryable; a busy answer waits its
+        Retry-After (with jitter) while that fits the job's deadline."""
         assert self.c.preprocessing is not None
         failures = 0
         busy_waited = 0.0
         while True:
             run.outcome.attempts += 1
             try:
-                async with self.c.in_flight:
-                    return await self.c.preprocessing.agenerate(request, key)
+                async with self.c.in_flight.hold(run.priority):
+                    response = await self.c.preprocessing.agenerate(request, key)
+                return response, await check_generate_answer(request, response, self.c.fetcher)
             except BackendError as exc:
                 log.info("job %s: clip %s: preprocessing attempt %d failed: %s", self.job_id, run.clip.clip_id,
                          run.outcome.attempts, exc)
@@ -296,6 +332,3 @@ def _video_inputs(clip: ClipPrompt, entry: VideoModel) -> dict[str, str]:
         inputs[entry.image_field] = clip.character_reference_urls[0]
     return inputs
 
-
-def _reference_of(image: ImageOut) -> str:
-    return image.url or f"data:{image.mime};base64,{image.base64}"

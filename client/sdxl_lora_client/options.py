@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Literal
 
-from sdxl_lora_client.contract import GenerateResponse
+from pydantic import ValidationError
+
+from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
+from sdxl_lora_client.errors import OptionsError
 from sdxl_lora_client.store import money
 
 __all__ = ["EnhanceOptions", "Pricing"]
@@ -40,3 +43,24 @@ class EnhanceOptions:
     # Below this identity score (the service's CLIP similarity between the reference and the
     # enhanced image) the enhanced image is judged off-character and the original reference kept.
     min_identity_score: float | None = None
+
+    def __post_init__(self) -> None:
+        """Checked against the contract when built: a bad option fails here, once, not at every clip."""
+        options = asdict(self)
+        score = options.pop("min_identity_score")
+        if score is not None and not -1.0 <= score <= 1.0:
+            raise OptionsError("min_identity_score", f"{score} is not a cosine similarity in [-1, 1]")
+        delivery = options.pop("delivery")
+        try:  # the request an enhancement sends, with these options (img2img: an image is there)
+            GenerateRequest.model_validate({**options, "prompt": "options", "image": "https://example.invalid/r.png",
+                                            "output": {"delivery": delivery}}, strict=False)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            raise OptionsError(_field_of(error), error["msg"]) from None
+
+
+def _field_of(error: dict) -> str:
+    """The option a contract error is about; rules across fields name both."""
+    if error["loc"]:
+        return "delivery" if error["loc"][0] == "output" else str(error["loc"][0])
+    return "width, height" if "width" in error["msg"] else "num_inference_steps, strength"
