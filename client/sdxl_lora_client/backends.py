@@ -198,7 +198,8 @@ class RunPodBackend(_Backend):
     """
 
     def __init__(self, endpoint_id: str | None, api_key: str | None, base_url: str = "https://api.runpod.ai/v2",
-                 timeout_s: float = DEFAULT_TIMEOUT_S, poll_interval_s: float = 1.0, transport: httpx.BaseTransport | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, poll_interval_s: float = 1.0,
+                 transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None):
         root = base_url.rstrip("/") + (f"/{endpoint_id}" if endpoint_id else "")
         super().__init__("RunPod", root, api_key, timeout_s, transport, async_transport)

@@ -52,7 +52,8 @@ class ReplicateClient:
 
     def __init__(self, token: str | None = None, base_url: str = "https://api.replicate.com",
                  timeout_s: float = 600.0, poll_interval_s: float = 2.0, max_throttle_retries: int = 5,
-                 wait_s: int = 60, throttle_retry: RetryPolicy = THROTTLE_RETRY, transport: httpx.BaseTransport | None = None,
+                 wait_s: int = 60, throttle_retry: RetryPolicy = THROTTLE_RETRY,
+                 transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None):
         token = token or os.environ.get(TOKEN_ENV)
         if not token:

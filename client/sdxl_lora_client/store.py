@@ -233,7 +233,8 @@ class SqlStore:
         LedgerError (and nothing written) when the job does not exist.
         """
         with self._begin("charge") as conn:
-            return _charge(conn, self.tables, Charge(job_id, clip_id or "", stage, api_name, money(cost), details or {}))
+            charge = Charge(job_id, clip_id or "", stage, api_name, money(cost), details or {})
+            return _charge(conn, self.tables, charge)
 
     def record_charges(self, charges: Iterable[Charge]) -> int:
         """Record charges an `apply()` could not (its `unrecorded_charges`), creating their jobs if
