@@ -9,11 +9,12 @@ over the time the queue takes to drain, instead of all retrying at once.
 from __future__ import annotations
 
 import math
-import re
 import threading
 
-# A busy error's message ends with this, so a RunPod client (no headers there) reads the same figure.
-RETRY_AFTER_MESSAGE = re.compile(r"retry after (\d+) s$")
+# The wire phrase a busy message ends with is the contract's (the client reads it there).
+from sdxl_lora_client.contract import RETRY_AFTER_MESSAGE, with_retry_after
+
+__all__ = ["DEFAULT_SERVICE_S", "RETRY_AFTER_MESSAGE", "ServiceTimes", "with_retry_after"]
 DEFAULT_SERVICE_S = 5.0  # before the first request: about one SDXL image on a GPU
 WEIGHT = 0.2  # of the newest service time in the moving average
 
@@ -33,7 +34,3 @@ class ServiceTimes:
         """Whole seconds, at least 1: the time `in_flight` requests (at least one) keep `workers` busy."""
         return max(1, math.ceil(self.seconds * max(1, in_flight) / workers))
 
-
-def with_retry_after(message: str, seconds: int) -> str:
-    """A busy error's message, carrying its Retry-After in the form RETRY_AFTER_MESSAGE reads."""
-    return f"{message}; retry after {seconds} s"

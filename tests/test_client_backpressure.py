@@ -18,9 +18,9 @@ from sdxl_lora_client import (
     AsyncLoraApplicator, BackendError, ClipPrompt, EnhanceOptions, GenerateRequest, LoraApplicator, RunPodBackend,
     ServiceBackend, SqlStore,
 )
-from sdxl_lora_client.applicator import idempotency_key
-from sdxl_lora_client.backends import retry_after_s
-from sdxl_lora_client.testing import TINY_PNG_BASE64, ScriptedBackend
+from sdxl_lora_client.clip_requests import idempotency_key
+from sdxl_lora_client.retry import retry_after_s
+from sdxl_lora_client.testing import TINY_PNG_BASE64, ScriptedBackend, answer_for
 
 REF = "https://cdn.example/ref-{}.png"
 SHA = "ab" * 32
@@ -149,10 +149,7 @@ def test_requests_carry_the_key_the_header_and_the_runpod_field(store):
         seen.append(request)
         body = json.loads(request.content)
         generate = body.get("input", body)
-        response = {"images": [{"seed": generate["seed"], "width": 1, "height": 1, "mime": "image/png",
-                                "sha256": "0" * 64, "base64": TINY_PNG_BASE64}],
-                    "loras": [{"id": "char", "sha256": SHA, "source": "disk"}],
-                    "model": {"id": "m", "dtype": "float32", "device": "cpu"}, "timings_ms": {"total": 1.0}}
+        response = answer_for(generate)
         return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": response} if "input" in body
                               else response)
 
@@ -218,7 +215,11 @@ def test_prefetch_reads_the_record_and_says_how_it_went(store):
         failed = applicator.prefetch("char")
         assert (failed.ok, failed.reason, failed.message) == (False, "lora_download_failed", "scripted")
         assert applicator.prefetch("nobody").reason == "lora_not_ready"
-    with LoraApplicator(store=store, preprocessing=object()) as applicator:
+    class GenerateOnly:  # a blocking backend of the caller's that cannot prefetch
+        def generate(self, request, idempotency_key=None):
+            return backend.generate(request, idempotency_key)
+
+    with LoraApplicator(store=store, preprocessing=GenerateOnly()) as applicator:
         assert applicator.prefetch("char").reason == "backend_unavailable"
 
 

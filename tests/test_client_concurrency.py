@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+from decimal import Decimal
 
 import pytest
 from PIL import Image
 
 from sdxl_lora_tools.bench.clips import FixedLatencyService, seed_colour
 from sdxl_lora_client import AsyncLoraApplicator, ClipPrompt, LoraApplicator, ServiceBackend, SqlStore
-from sdxl_lora_client.applicator import clip_seed
+from sdxl_lora_client.clip_requests import clip_seed
 from sdxl_lora_client.testing import ScriptedBackend
 from tests.fakes import LiveServer
 
@@ -106,6 +107,10 @@ def test_async_and_sync_applicators_give_the_same_result(store, fake_service):
     _, base = fake_service
     sync = apply("sync", store, ServiceBackend(base), "job-a", clips(3))
     again = apply("async", store, ServiceBackend(base), "job-a", clips(3))
+    assert [o.cost for o in sync.outcomes] == [Decimal("0.005")] * 3
+    assert [o.cost for o in again.outcomes] == [Decimal(0)] * 3, "the replay charged nothing: its cost is 0"
+    for outcome in again.outcomes:
+        outcome.cost = Decimal("0.005")
     assert again == sync, "same job, same clips, same enhanced references and warnings"
     assert len(assert_costs_consistent(store, "job-a")) == 3, "the replay charged nothing twice"
 
@@ -115,7 +120,7 @@ def test_a_backend_with_only_generate_works_with_the_async_applicator(store):
         def __init__(self):
             self.inner = ScriptedBackend({})
 
-        def generate(self, request):
+        def generate(self, request, idempotency_key=None):
             return self.inner.generate(request)
 
     result = apply("async", store, SyncOnly(), "job", clips(2))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
 from sdxl_lora_client import ClipPrompt, EnhanceOptions, LoraApplicator, ServiceBackend, SqlStore
+from sdxl_lora_client.testing import answer_for
 
 REF1, REF2, SCENE = "https://cdn.example/face.png", "https://cdn.example/face2.png", "https://cdn.example/scene.png"
 
@@ -44,9 +45,11 @@ class ScriptedBackend:
         self.scores = dict(zip((clip.character_reference_urls[0] for clip in clips()), scores, strict=True))
         self.requests: list[GenerateRequest] = []
 
-    def generate(self, request: GenerateRequest) -> GenerateResponse:
+    def generate(self, request: GenerateRequest, idempotency_key: str | None = None) -> GenerateResponse:
         self.requests.append(request)
-        return GenerateResponse.model_validate(response_json(self.scores[request.image]))
+        answer = answer_for(request.model_dump(mode="json"))  # an answer the client's checks accept
+        answer["images"][0]["identity_score"] = self.scores[request.image]
+        return GenerateResponse.model_validate(answer)
 
 
 @pytest.fixture

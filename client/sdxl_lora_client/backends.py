@@ -15,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import time
-from email.utils import parsedate_to_datetime
 
 import httpx
 from pydantic import ValidationError
@@ -25,6 +23,7 @@ from pydantic import ValidationError
 from sdxl_lora_client.contract import ErrorCode, GenerateRequest, GenerateResponse, PrefetchRequest, PrefetchResponse
 from sdxl_lora_client.errors import BackendError, ClientCode
 from sdxl_lora_client.http import LoopClients
+from sdxl_lora_client.retry import retry_after_s
 
 __all__ = ["BackendError", "RETRYABLE_CODES", "RunPodBackend", "ServiceBackend", "idempotency_header"]
 
@@ -33,8 +32,11 @@ __all__ = ["BackendError", "RETRYABLE_CODES", "RunPodBackend", "ServiceBackend",
 # service's deadline means a loaded GPU or a slow first download, not a request too big to ever fit.
 RETRYABLE_CODES = frozenset({ErrorCode.BUSY, ErrorCode.OUT_OF_MEMORY, ErrorCode.UPLOAD_FAILED, ErrorCode.TIMEOUT,
                              ErrorCode.INTERNAL, ClientCode.BACKEND_UNAVAILABLE, ClientCode.INVALID_ANSWER})
-# "retry after 3 s", "Retry-After: 2.5", "retry_after=4": how a busy RunPod worker says it in its message.
-_RETRY_AFTER_IN_TEXT = re.compile(r"retry[\s_-]*after\D{0,12}?(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+# One attempt's bound: 4 attempts of it and the 2 + 4 + 8 s waits (494 s) fit the applicator's
+# 600 s job deadline. A slower answer is not lost: the retry's idempotency key gets it.
+DEFAULT_TIMEOUT_S = 120.0
 
 
 def idempotency_header(key: str | None) -> dict[str, str]:
@@ -88,7 +90,7 @@ class _Backend:
 class ServiceBackend(_Backend):
     """The FastAPI service (`sdxl-lora serve`): POST /v1/generate, POST /v1/loras/prefetch."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = 300.0,
+    def __init__(self, base_url: str, api_key: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
                  transport: httpx.BaseTransport | None = None, async_transport: httpx.AsyncBaseTransport | None = None):
         super().__init__("service", base_url, api_key, timeout_s, transport, async_transport)
 
@@ -187,21 +189,6 @@ def _error_from_body(body) -> BackendError | None:
     return BackendError(f"{code}: {message}", code, code in RETRYABLE_CODES, retry_after)
 
 
-def retry_after_s(header: str | None, message: str = "") -> float | None:
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), else from a message
-    saying "retry after N s"; None when neither names a wait."""
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            try:
-                return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
-            except (TypeError, ValueError):
-                pass
-    match = _RETRY_AFTER_IN_TEXT.search(message)
-    return float(match.group(1)) if match else None
-
-
 class RunPodBackend(_Backend):
     """A RunPod serverless endpoint: `/runsync`, then `/status` polling while the job is queued;
     a cancelled `agenerate` cancels the RunPod job it started.
@@ -211,7 +198,8 @@ class RunPodBackend(_Backend):
     """
 
     def __init__(self, endpoint_id: str | None, api_key: str | None, base_url: str = "https://api.runpod.ai/v2",
-                 timeout_s: float = 300.0, poll_interval_s: float = 1.0, transport: httpx.BaseTransport | None = None,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, poll_interval_s: float = 1.0,
+                 transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None):
         root = base_url.rstrip("/") + (f"/{endpoint_id}" if endpoint_id else "")
         super().__init__("RunPod", root, api_key, timeout_s, transport, async_transport)

@@ -7,6 +7,7 @@ that; the service (FastAPI app, RunPod handler, inference core) imports it from 
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -41,6 +42,16 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.TIMEOUT: 504,
     ErrorCode.INTERNAL: 500,
 }
+
+# A busy error's message ends with this phrase, so a RunPod client (no headers there) reads the
+# same wait as an HTTP client reads from Retry-After.
+RETRY_AFTER_MESSAGE = re.compile(r"retry after (\d+) s$")
+
+
+def with_retry_after(message: str, seconds: int) -> str:
+    """A busy error's message, carrying its Retry-After in the form RETRY_AFTER_MESSAGE reads."""
+    return f"{message}; retry after {seconds} s"
+
 
 MAX_SEED = 2**63 - 1 - 8  # seed + i (i < 8) must still fit torch.Generator.manual_seed
 

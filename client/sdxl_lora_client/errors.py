@@ -18,6 +18,7 @@ class ClientCode(StrEnum):
     NO_CHARACTER_REFERENCE = "no_character_reference"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     INVALID_ANSWER = "invalid_answer"
+    DIRECT_FAILED = "direct_failed"  # the direct path failed; the clip was preprocessed instead
     IDENTITY_REJECTED = "identity_rejected"
     LEDGER_UNAVAILABLE = "ledger_unavailable"
     DEADLINE_EXCEEDED = "deadline_exceeded"
@@ -43,6 +44,14 @@ class BackendError(ClientError):
         self.code = str(code)
         self.retryable = retryable
         self.retry_after_s = retry_after_s
+
+
+class OptionsError(ClientError, ValueError):
+    """Options outside the contract's limits, caught when they are built; `field` names the option."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
 
 
 class ReplicateError(ClientError):

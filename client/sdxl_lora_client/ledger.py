@@ -13,39 +13,40 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 from sdxl_lora_client.errors import LedgerError
+from sdxl_lora_client.retry import Deadline, RetryPolicy
 
 log = logging.getLogger("sdxl_lora_client")
 T = TypeVar("T")
-FIRST_BACKOFF_S = 0.1
-MAX_BACKOFF_S = 2.0
+# 0.1 s doubling to 2 s, then every 2 s until the call's wait is over.
+LEDGER_RETRY = RetryPolicy(waits=(0.1, 0.2, 0.4, 0.8, 1.6, 2.0), repeat_last=True)
 
 
 class LedgerCalls:
-    def __init__(self, threads: concurrent.futures.ThreadPoolExecutor, wait_s: float):
+    def __init__(self, threads: concurrent.futures.ThreadPoolExecutor, wait_s: float,
+                 policy: RetryPolicy = LEDGER_RETRY):
         self.threads = threads
         self.wait_s = wait_s
+        self.policy = policy
 
     async def call(self, fn: Callable[..., T], *args, wait_s: float | None = None) -> T:
         """`fn(*args)` in a thread, retried for up to `wait_s` (default: the ledger's) while the
         database is unavailable; LedgerError when it still is, or for any other failure."""
-        give_up_at = time.monotonic() + (self.wait_s if wait_s is None else wait_s)
-        backoff = FIRST_BACKOFF_S
-        attempt = 1
+        deadline = Deadline(self.wait_s if wait_s is None else wait_s)
+        failures = 0
         while True:
             try:
                 return await self.attempt(fn, *args)
             except LedgerError as exc:
-                if not exc.retryable or time.monotonic() + backoff > give_up_at:
+                failures += 1
+                wait = self.policy.failure_wait(failures) if exc.retryable else None
+                if wait is None or not deadline.fits(wait):
                     raise
-                log.info("ledger %s attempt %d failed (%s); again in %.1f s", fn.__name__, attempt, exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
-            attempt += 1
+                log.info("ledger %s attempt %d failed (%s); again in %.1f s", fn.__name__, failures, exc, wait)
+            await asyncio.sleep(wait)
 
     async def attempt(self, fn: Callable[..., T], *args) -> T:
         """One `fn(*args)` in a thread; a cancelled caller waits for it to end, then is cancelled."""

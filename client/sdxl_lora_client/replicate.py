@@ -4,7 +4,8 @@ read a model's input schema.
 `run` is a coroutine, usable from any event loop: cancelling it cancels the prediction it started
 (`POST /v1/predictions/{id}/cancel`), so a cancelled video job leaves nothing running and billed.
 429 is retried after Retry-After (the official client does not retry a throttled prediction create).
-Every failure, an answer that is not JSON included, is a `ReplicateError`.
+Every failure, an answer that is not JSON included, is a `ReplicateError`; a prediction comes back
+as a typed `Prediction`, as replicate-python's does.
 """
 
 from __future__ import annotations
@@ -12,15 +13,38 @@ from __future__ import annotations
 import asyncio
 import os
 
+from typing import Any
+
 import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sdxl_lora_client.errors import ReplicateError
 from sdxl_lora_client.http import LoopClients
+from sdxl_lora_client.retry import RetryPolicy, retry_after_s
 
-__all__ = ["ReplicateClient", "ReplicateError", "lora_like_inputs"]
+__all__ = ["Prediction", "ReplicateClient", "ReplicateError", "lora_like_inputs"]
 
 TERMINAL = ("succeeded", "failed", "canceled")
 TOKEN_ENV = "REPLICATE_API_TOKEN"
+# A throttled call waits its Retry-After (1 s when it names none, at most 60 s), with jitter.
+THROTTLE_RETRY = RetryPolicy(waits=(), max_busy_wait_s=60.0)
+
+
+class Prediction(BaseModel):
+    """A Replicate prediction, as the API describes it (fields the client reads; others kept)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    status: str | None = None
+    output: Any = None
+    error: Any = None
+
+    def output_urls(self) -> list[str]:
+        """The output's URLs: a video model's output is one URL or a list of them."""
+        if isinstance(self.output, list):
+            return [str(item) for item in self.output]
+        return [str(self.output)] if self.output else []
 
 
 class ReplicateClient:
@@ -28,7 +52,8 @@ class ReplicateClient:
 
     def __init__(self, token: str | None = None, base_url: str = "https://api.replicate.com",
                  timeout_s: float = 600.0, poll_interval_s: float = 2.0, max_throttle_retries: int = 5,
-                 wait_s: int = 60, transport: httpx.BaseTransport | None = None,
+                 wait_s: int = 60, throttle_retry: RetryPolicy = THROTTLE_RETRY,
+                 transport: httpx.BaseTransport | None = None,
                  async_transport: httpx.AsyncBaseTransport | None = None):
         token = token or os.environ.get(TOKEN_ENV)
         if not token:
@@ -39,35 +64,35 @@ class ReplicateClient:
         self.timeout_s = timeout_s
         self.poll_interval_s = poll_interval_s
         self.max_throttle_retries = max_throttle_retries
+        self.throttle_retry = throttle_retry
         self.wait_s = wait_s
 
-    async def run(self, model: str, inputs: dict) -> dict:
+    async def run(self, model: str, inputs: dict) -> Prediction:
         """Create a prediction on `owner/name` (holding the connection up to `wait_s` with
         `Prefer: wait`), then poll until it ends. Returns the succeeded prediction."""
-        prediction = await self._request("POST", f"/v1/models/{model}/predictions", json={"input": inputs},
-                                         headers={"prefer": f"wait={self.wait_s}"})
+        prediction = _prediction(await self._request("POST", f"/v1/models/{model}/predictions",
+                                                     json={"input": inputs}, headers={"prefer": f"wait={self.wait_s}"}))
         try:
             async with asyncio.timeout(self.timeout_s):
-                while prediction.get("status") not in TERMINAL:
+                while prediction.status not in TERMINAL:
                     await asyncio.sleep(self.poll_interval_s)
-                    prediction = await self._request("GET", f"/v1/predictions/{_id_of(prediction)}")
+                    prediction = _prediction(await self._request("GET", f"/v1/predictions/{_id_of(prediction)}"))
         except TimeoutError:
             await self._cancel(prediction)
-            raise ReplicateError(f"prediction {prediction.get('id')} still {prediction.get('status')}") from None
+            raise ReplicateError(f"prediction {prediction.id} still {prediction.status}") from None
         except asyncio.CancelledError:
             await self._cancel(prediction)
             raise
-        if prediction.get("status") != "succeeded":
-            raise ReplicateError(f"prediction {prediction.get('id')} {prediction.get('status')}: "
-                                 f"{prediction.get('error')}")
+        if prediction.status != "succeeded":
+            raise ReplicateError(f"prediction {prediction.id} {prediction.status}: {prediction.error}")
         return prediction
 
-    async def _cancel(self, prediction: dict) -> None:
+    async def _cancel(self, prediction: Prediction) -> None:
         """Cancel a prediction we started; best effort and bounded, shielded from our caller's cancel."""
-        if not prediction.get("id"):
+        if not prediction.id:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self._request("POST", f"/v1/predictions/{prediction['id']}/cancel")),
+            await asyncio.wait_for(asyncio.shield(self._request("POST", f"/v1/predictions/{prediction.id}/cancel")),
                                    10.0)
         except (ReplicateError, TimeoutError, asyncio.CancelledError):
             pass
@@ -85,7 +110,7 @@ class ReplicateClient:
             except httpx.HTTPError as exc:
                 raise ReplicateError(f"Replicate unreachable: {exc!r}") from exc
             if response.status_code == 429 and attempt < self.max_throttle_retries:
-                await asyncio.sleep(_retry_after_s(response))
+                await asyncio.sleep(self.throttle_retry.busy_wait(retry_after_s(response.headers.get("retry-after"))))
                 continue
             return _json(_checked(response))
         raise ReplicateError("Replicate kept throttling")  # unreachable: the last 429 raises in _checked
@@ -120,17 +145,17 @@ def _json(response: httpx.Response) -> dict:
     return body
 
 
-def _id_of(prediction: dict) -> str:
-    if not prediction.get("id"):
-        raise ReplicateError(f"Replicate answered a prediction without an id: {prediction!r:.120}")
-    return prediction["id"]
-
-
-def _retry_after_s(response: httpx.Response) -> float:
+def _prediction(body: dict) -> Prediction:
     try:
-        return min(60.0, max(0.0, float(response.headers.get("retry-after", "1"))))
-    except ValueError:
-        return 1.0
+        return Prediction.model_validate(body)
+    except ValidationError as exc:
+        raise ReplicateError(f"Replicate answered something that is not a prediction: {body!r:.120}") from exc
+
+
+def _id_of(prediction: Prediction) -> str:
+    if not prediction.id:
+        raise ReplicateError(f"Replicate answered a prediction without an id: {prediction!r:.120}")
+    return prediction.id
 
 
 def lora_like_inputs(properties: dict) -> list[str]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     JSON, Column, DateTime, ForeignKey, Integer, MetaData, Numeric, String, Table, UniqueConstraint, create_engine,
@@ -30,7 +31,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError, IntegrityError, InterfaceError, OperationalError, ProgrammingError, SQLAlchemyError,
+)
+from sqlalchemy.pool import StaticPool
 
 from sdxl_lora_client.errors import LedgerError
 
@@ -45,38 +49,50 @@ def money(amount) -> Decimal:
     """`amount` (Decimal, int, float or str) as the ledger stores it: a Decimal of 6 places."""
     return Decimal(str(amount)).quantize(CENT_MILLIONTHS)
 
-metadata = MetaData()
+@dataclass(frozen=True)
+class Tables:
+    """The client's three tables, named `{prefix}lora_models`, `{prefix}jobs`, `{prefix}job_costs`."""
 
-lora_models = Table(
-    "lora_models", metadata,
-    Column("id", String(200), primary_key=True),
-    Column("status", String(32), nullable=False),
-    Column("url", String(4096)),
-    Column("sha256", String(64)),
-    Column("trigger", String(200)),
-    Column("direct_weights", JSON, nullable=False, default=dict),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
-)
+    metadata: MetaData
+    lora_models: Table
+    jobs: Table
+    job_costs: Table
 
-jobs = Table(
-    "jobs", metadata,
-    Column("id", String(200), primary_key=True),
-    Column("total_cost", Numeric(14, 6), nullable=False, default=0),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-)
 
-job_costs = Table(
-    "job_costs", metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("job_id", String(200), ForeignKey("jobs.id"), nullable=False, index=True),
-    Column("clip_id", String(200), nullable=False, default=""),
-    Column("stage", String(64), nullable=False),
-    Column("api_name", String(64), nullable=False),
-    Column("cost", Numeric(14, 6), nullable=False),
-    Column("details", JSON),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    UniqueConstraint("job_id", "clip_id", "stage", "api_name", name="uq_job_costs_charge"),
-)
+def make_tables(prefix: str = "") -> Tables:
+    """The tables under `prefix`, so the ledger can live beside a product's own `jobs` table."""
+    metadata = MetaData()
+    lora_models = Table(
+        f"{prefix}lora_models", metadata,
+        Column("id", String(200), primary_key=True),
+        Column("status", String(32), nullable=False),
+        Column("url", String(4096)),
+        Column("sha256", String(64)),
+        Column("trigger", String(200)),
+        Column("direct_weights", JSON, nullable=False, default=dict),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    jobs = Table(
+        f"{prefix}jobs", metadata,
+        Column("id", String(200), primary_key=True),
+        Column("total_cost", Numeric(14, 6), nullable=False, default=0),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+    )
+    job_costs = Table(
+        f"{prefix}job_costs", metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("job_id", String(200), ForeignKey(jobs.c.id), nullable=False, index=True),
+        Column("clip_id", String(200), nullable=False, default=""),
+        Column("stage", String(64), nullable=False),
+        Column("api_name", String(64), nullable=False),
+        Column("cost", Numeric(14, 6), nullable=False),
+        Column("details", JSON),
+        Column("created_at", DateTime(timezone=True), nullable=False),
+        UniqueConstraint("job_id", "clip_id", "stage", "api_name", name=f"uq_{prefix}job_costs_charge"),
+    )
+    return Tables(metadata, lora_models, jobs, job_costs)
+
+
 _CHARGE_KEY = ("job_id", "clip_id", "stage", "api_name")
 
 
@@ -111,12 +127,23 @@ class SqlStore:
 
     A context manager: leaving it closes the connection pool. `engine_options` go to
     `create_engine` over the defaults (pre-ping, recycle, connect timeout for PostgreSQL).
+    `table_prefix` names the tables `{prefix}lora_models`, `{prefix}jobs`, `{prefix}job_costs`.
+
+    Building it connects to nothing: the tables are created at the first call, so a worker that
+    starts while the database is down starts, and the outage is met where `apply()` handles it.
+    `sqlite://` (in memory) is one database shared by every thread (SQLAlchemy's recipe: one
+    connection, `StaticPool`, `check_same_thread=False`), its calls taken one at a time.
     """
 
-    def __init__(self, url: str = "sqlite:///video.db", **engine_options):
-        backend = make_url(url).get_backend_name()
+    def __init__(self, url: str = "sqlite:///video.db", *, table_prefix: str = "", **engine_options: Any):
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
         is_sqlite = backend == "sqlite"
-        if is_sqlite:
+        in_memory = is_sqlite and (parsed.database in (None, "", ":memory:") or "memory" in str(parsed.query))
+        defaults: dict[str, Any]
+        if in_memory:
+            defaults = dict(connect_args={"check_same_thread": False}, poolclass=StaticPool)
+        elif is_sqlite:
             defaults = dict(connect_args={"timeout": 30})
         else:
             defaults = dict(pool_pre_ping=True, pool_recycle=1800)
@@ -126,10 +153,41 @@ class SqlStore:
         if is_sqlite:
             _sqlite_begin_immediate(self.engine)
         # SQLite serializes writers anyway: this store's threads queue on a lock rather than poll
-        # SQLite's busy timeout. Other databases take row locks and need no such thing.
-        self._write_lock = threading.Lock() if is_sqlite else None
-        with _ledger_errors("creating the tables"):
-            metadata.create_all(self.engine)
+        # SQLite's busy timeout. Other databases take row locks and need no such thing. In memory,
+        # the one connection is shared: reads queue too.
+        self._write_lock = threading.RLock() if is_sqlite else None
+        self._read_lock = self._write_lock if in_memory else None
+        self.tables = make_tables(table_prefix)
+        self._tables_made = False
+        self._tables_lock = threading.Lock()
+
+    def _ensure_tables(self) -> None:
+        """Create the tables if missing, once, at the first call that reaches the database."""
+        if self._tables_made:
+            return
+        with self._tables_lock, _ledger_errors("creating the tables"), self._writing():
+            if not self._tables_made:
+                try:
+                    self.tables.metadata.create_all(self.engine)
+                except (ProgrammingError, IntegrityError):  # another worker created them meanwhile
+                    self.tables.metadata.create_all(self.engine)
+                self._tables_made = True
+
+    @contextmanager
+    def _begin(self, what: str) -> Iterator[Connection]:
+        """A write transaction, SQLAlchemy's errors as LedgerError."""
+        with _ledger_errors(what):
+            self._ensure_tables()
+            with self._writing(), self.engine.begin() as conn:
+                yield conn
+
+    @contextmanager
+    def _connect(self, what: str) -> Iterator[Connection]:
+        """A connection for reads, SQLAlchemy's errors as LedgerError."""
+        with _ledger_errors(what):
+            self._ensure_tables()
+            with self._reading(), self.engine.connect() as conn:
+                yield conn
 
     def close(self) -> None:
         """Close the pool's connections."""
@@ -148,11 +206,12 @@ class SqlStore:
         """Create or replace the record (every field): concurrent writers never fail, the last one wins."""
         values = dict(status=status, url=url, trigger=trigger, sha256=sha256,
                       direct_weights=direct_weights or {}, updated_at=_now())
-        with _ledger_errors("put_lora"), self._writing(), self.engine.begin() as conn:
-            _upsert(conn, lora_models, dict(id=lora_id, **values), ("id",), set_=values)
+        with self._begin("put_lora") as conn:
+            _upsert(conn, self.tables.lora_models, dict(id=lora_id, **values), ("id",), set_=values)
 
     def get_lora(self, lora_id: str) -> LoraRecord | None:
-        with _ledger_errors("get_lora"), self.engine.connect() as conn:
+        lora_models = self.tables.lora_models
+        with self._connect("get_lora") as conn:
             row = conn.execute(select(lora_models).where(lora_models.c.id == lora_id)).mappings().first()
         if row is None:
             return None
@@ -163,8 +222,8 @@ class SqlStore:
 
     def create_job(self, job_id: str) -> None:
         """Create the job unless it exists (a replay, or another worker at the same moment)."""
-        with _ledger_errors("create_job"), self._writing(), self.engine.begin() as conn:
-            _create_job(conn, job_id)
+        with self._begin("create_job") as conn:
+            _create_job(conn, self.tables, job_id)
 
     def charge(self, job_id: str, clip_id: str, stage: str, api_name: str, cost: Decimal | float | str,
                details: dict | None = None) -> bool:
@@ -173,53 +232,60 @@ class SqlStore:
         False (and nothing written) when this (job, clip, stage, api_name) was already charged;
         LedgerError (and nothing written) when the job does not exist.
         """
-        with _ledger_errors("charge"), self._writing(), self.engine.begin() as conn:
-            return _charge(conn, Charge(job_id, clip_id or "", stage, api_name, money(cost), details or {}))
+        with self._begin("charge") as conn:
+            charge = Charge(job_id, clip_id or "", stage, api_name, money(cost), details or {})
+            return _charge(conn, self.tables, charge)
 
     def record_charges(self, charges: Iterable[Charge]) -> int:
         """Record charges an `apply()` could not (its `unrecorded_charges`), creating their jobs if
         needed; each lands once however often this is called. Returns how many were new."""
         written = 0
         for charge in charges:
-            with _ledger_errors("record_charges"), self._writing(), self.engine.begin() as conn:
-                _create_job(conn, charge.job_id)
-                written += _charge(conn, charge)
+            with self._begin("record_charges") as conn:
+                _create_job(conn, self.tables, charge.job_id)
+                written += _charge(conn, self.tables, charge)
         return written
 
     def job_costs(self, job_id: str) -> list[dict]:
         """The job's charges in the order they landed: stage, api_name, cost (Decimal), clip_id,
         details, created_at."""
+        job_costs = self.tables.job_costs
         query = (select(job_costs.c.stage, job_costs.c.api_name, job_costs.c.cost, job_costs.c.clip_id,
                         job_costs.c.details, job_costs.c.created_at)
                  .where(job_costs.c.job_id == job_id).order_by(job_costs.c.id))
-        with _ledger_errors("job_costs"), self.engine.connect() as conn:
+        with self._connect("job_costs") as conn:
             return [{**row, "cost": money(row["cost"])} for row in conn.execute(query).mappings()]
 
     def total_cost(self, job_id: str) -> Decimal:
         """The job's total (Decimal); LedgerError for a job that does not exist."""
-        with _ledger_errors("total_cost"), self.engine.connect() as conn:
+        jobs = self.tables.jobs
+        with self._connect("total_cost") as conn:
             value = conn.execute(select(jobs.c.total_cost).where(jobs.c.id == job_id)).scalar_one_or_none()
         if value is None:
             raise LedgerError(f"no job {job_id!r}")
         return money(value)
 
-    def _writing(self):
+    def _writing(self) -> AbstractContextManager[Any]:
         return self._write_lock if self._write_lock is not None else nullcontext()
 
+    def _reading(self) -> AbstractContextManager[Any]:
+        return self._read_lock if self._read_lock is not None else nullcontext()
 
-def _create_job(conn: Connection, job_id: str) -> None:
-    _upsert(conn, jobs, dict(id=job_id, total_cost=0, created_at=_now()), ("id",))
+
+def _create_job(conn: Connection, tables: Tables, job_id: str) -> None:
+    _upsert(conn, tables.jobs, dict(id=job_id, total_cost=0, created_at=_now()), ("id",))
 
 
-def _charge(conn: Connection, charge: Charge) -> bool:
+def _charge(conn: Connection, tables: Tables, charge: Charge) -> bool:
     amount = money(charge.cost)
+    jobs = tables.jobs
     # The job's row, locked (FOR UPDATE; SQLite holds its write lock already): a job's charges
     # queue here, and a missing job is told from a repeated charge without parsing errors.
     if conn.execute(select(jobs.c.id).where(jobs.c.id == charge.job_id).with_for_update()).first() is None:
         raise LedgerError(f"no job {charge.job_id!r}: create_job first")
     row = dict(job_id=charge.job_id, clip_id=charge.clip_id, stage=charge.stage, api_name=charge.api_name,
                cost=amount, details=json.loads(json.dumps(charge.details, default=str)), created_at=_now())
-    if not _upsert(conn, job_costs, row, _CHARGE_KEY):
+    if not _upsert(conn, tables.job_costs, row, _CHARGE_KEY):
         return False
     conn.execute(update(jobs).where(jobs.c.id == charge.job_id).values(total_cost=jobs.c.total_cost + amount))
     return True

@@ -18,8 +18,10 @@ import asyncio
 import base64
 import hashlib
 import json
+import struct
 import threading
 import time
+import zlib
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -27,10 +29,38 @@ from sdxl_lora_client.backends import RETRYABLE_CODES
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, PrefetchRequest, PrefetchResponse
 from sdxl_lora_client.errors import BackendError, ClientCode
 
-__all__ = ["FakeReplicate", "ScriptedBackend", "TINY_PNG_BASE64"]
+__all__ = ["FakeReplicate", "ScriptedBackend", "TINY_PNG_BASE64", "answer_for", "png_bytes"]
 
-# A 1x1 PNG: what the fake backend "renders".
+# A 1x1 PNG: what the fake backend "renders" when no size is asked.
 TINY_PNG_BASE64 = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+
+def png_bytes(width: int = 1, height: int = 1, rgb: tuple[int, int, int] = (200, 120, 90)) -> bytes:
+    """A plain RGB PNG of one colour, written with the standard library."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def answer_for(request: dict, image_url: str | None = None) -> dict:
+    """The JSON of a good answer to a generate request's JSON (seed, size, LoRAs echoed), as the
+    client checks it: for the video generator's own stand-in services. `image_url`: url delivery."""
+    width, height = request.get("width") or 1, request.get("height") or 1
+    data = TINY_PNG if (width, height) == (1, 1) else png_bytes(width, height)
+    image = {"seed": request.get("seed") or 0, "width": width, "height": height, "mime": "image/png",
+             "sha256": hashlib.sha256(data).hexdigest()}
+    image.update({"url": image_url} if image_url else {"base64": base64.b64encode(data).decode()})
+    return {"images": [image],
+            "loras": [{"id": lora["id"], "sha256": lora.get("sha256") or "0" * 64, "source": "disk"}
+                      for lora in request.get("loras", [])],
+            "model": {"id": "scripted", "dtype": "float32", "device": "cpu"},
+            "timings_ms": {"adapter": 10.0, "inference": 90.0, "total": 100.0}}
+
+
+TINY_PNG = base64.b64decode(TINY_PNG_BASE64)
 
 
 class ScriptedBackend:
@@ -66,13 +96,7 @@ class ScriptedBackend:
             outcome = queue.pop(0) if queue else "ok"
         if outcome != "ok":
             raise _scripted_error(outcome)
-        image = base64.b64decode(TINY_PNG_BASE64)
-        return GenerateResponse.model_validate({
-            "images": [{"seed": request.seed or 0, "width": 1, "height": 1, "mime": "image/png",
-                        "sha256": hashlib.sha256(image).hexdigest(), "base64": TINY_PNG_BASE64}],
-            "loras": [{"id": lora.id, "sha256": lora.sha256 or "0" * 64, "source": "disk"} for lora in request.loras],
-            "model": {"id": "scripted", "dtype": "float32", "device": "cpu"},
-            "timings_ms": {"adapter": 10.0, "inference": 90.0, "total": 100.0}})
+        return GenerateResponse.model_validate(answer_for(request.model_dump(mode="json")))
 
     async def agenerate(self, request: GenerateRequest, idempotency_key: str | None = None) -> GenerateResponse:
         with self._lock:
@@ -108,8 +132,9 @@ class FakeReplicate:
     prediction, get a model.
 
     `script` is consumed one entry per prediction create: "ok", "fail" (the prediction ends
-    failed), "500" (HTTP 500), "429" (throttled, Retry-After: 1), "html" (an HTML page with 200)
-    or "hang" (the prediction stays processing until cancelled); then "ok" forever. `calls` lists
+    failed), "500" (HTTP 500), "429" (throttled, Retry-After: 1), "html" (an HTML page with 200),
+    "no_output" (succeeded, without an output) or "hang" (the prediction stays processing until
+    cancelled); then "ok" forever. `calls` lists
     the creates, `polls` the ids polled, `cancelled` the ids cancelled.
     """
 
@@ -147,9 +172,10 @@ class FakeReplicate:
         if action == "html":
             return 200, "<html><body>502 Bad Gateway</body></html>", {"Content-Type": "text/html"}
         failed = action == "fail"
+        no_output = failed or action in ("hang", "no_output")
         self.predictions[pid] = {"id": pid, "status": "processing" if action == "hang" else
                                  "failed" if failed else "succeeded", "error": "model error" if failed else None,
-                                 "output": None if failed or action == "hang" else f"https://replicate.delivery/{pid}.mp4"}
+                                 "output": None if no_output else f"https://replicate.delivery/{pid}.mp4"}
         return 201, {"id": pid, "status": "processing"}, {}  # as when Prefer: wait runs out
 
     def cancel(self, pid: str) -> tuple[int, dict, dict]:

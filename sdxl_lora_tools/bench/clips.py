@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import io
 import statistics
 import tempfile
@@ -44,9 +45,11 @@ class FixedLatencyService:
             finally:
                 self.in_flight -= 1
             seed = body.get("seed", 0)
-            return {"images": [{"seed": seed, "width": 8, "height": 8, "mime": "image/png", "sha256": "0" * 64,
-                                "base64": seed_png_base64(seed)}],
-                    "loras": [{"id": body["loras"][0]["id"], "sha256": "1" * 64, "source": "resident"}],
+            image = seed_png_base64(seed)
+            lora = body["loras"][0]
+            return {"images": [{"seed": seed, "width": 8, "height": 8, "mime": "image/png",
+                                "sha256": hashlib.sha256(base64.b64decode(image)).hexdigest(), "base64": image}],
+                    "loras": [{"id": lora["id"], "sha256": lora.get("sha256") or "1" * 64, "source": "resident"}],
                     "model": {"id": "fake", "dtype": "float16", "device": "cuda"},
                     "timings_ms": {"inference": self.latency_s * 1e3, "total": self.latency_s * 1e3}}
 
