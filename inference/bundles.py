@@ -26,6 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
+from inference.lora_validation import check_values
 from inference.safetensors_buffer import load_buffer
 
 LORA_FILE = "lora.safetensors"
@@ -203,4 +204,8 @@ def load_embedding_rows(embeddings: Path, expected_sha256: str | None = None) ->
     """The (tokens, width) tensors for text_encoder and text_encoder_2, in that order (the file's
     sha256 checked first: `CorruptEntry` on a mismatch)."""
     tensors, _ = load_buffer(read_verified(embeddings, expected_sha256))
+    try:
+        check_values(tensors)
+    except ServiceError as exc:
+        raise invalid(f"{EMBEDDINGS_FILE}: {exc.message}") from None
     return [tensors[next(k for k in names if k in tensors)] for names in EMBEDDING_KEYS]

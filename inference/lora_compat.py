@@ -25,6 +25,7 @@ import torch
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
 from inference.kohya import LYCORIS_MARKERS, fold_kohya_alphas, is_kohya_layout, refuse_other_networks
+from inference.lora_validation import check_values, checked_metadata
 from inference.safetensors_buffer import load_buffer
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ def read_lora(pipe, path: Path, expected_sha256: str | None = None, pin_memory: 
     `load_lora_weights` would (kohya/A1111 keys included). With `pin_memory` the tensors live in
     page-locked memory, for a fast copy to the GPU.
 
-    DoRA and LyCORIS are refused on the file's own keys; a kohya-layout file gets its alphas
-    folded in first (`inference.kohya`). cog-sdxl (Replicate) saves UNet attention-processor keys
+    Values and adapter metadata are checked first (`inference.lora_validation`); DoRA and LyCORIS
+    are refused on the file's own keys; a kohya-layout file gets its alphas folded in first
+    (`inference.kohya`). cog-sdxl (Replicate) saves UNet attention-processor keys
     without the ``unet.`` prefix that diffusers' loaders select by; they get it here.
     """
     buffer = read_verified(path, expected_sha256, pin_memory)  # FileNotFoundError: evicted by another worker
@@ -74,6 +76,7 @@ def read_lora(pipe, path: Path, expected_sha256: str | None = None, pin_memory: 
         raw, header = load_buffer(buffer)
     except ValueError as exc:
         raise ServiceError(ErrorCode.LORA_INVALID, f"not a readable safetensors LoRA: {str(exc)[:300]}") from exc
+    check_values(raw)
     metadata = _adapter_metadata(header)
     refuse_other_networks(list(raw))
     if is_kohya_layout(raw):
@@ -83,7 +86,7 @@ def read_lora(pipe, path: Path, expected_sha256: str | None = None, pin_memory: 
     except Exception as exc:  # diffusers raises ValueError/KeyError/... on layouts it cannot convert
         raise _conversion_error(exc) from exc
     state_dict = {f"unet.{k}" if k.split(".", 1)[0] in UNET_BLOCKS else k: v for k, v in state_dict.items()}
-    return LoraWeights(state_dict, alphas or None, metadata)
+    return LoraWeights(state_dict, alphas or None, checked_metadata(metadata, state_dict))
 
 
 def _adapter_metadata(header: dict[str, str]) -> dict | None:
