@@ -4,8 +4,10 @@ Replicate's SDXL trainer (cog-sdxl) ships a tar with ``lora.safetensors`` (UNet 
 attention-processor layout), ``embeddings.pti`` (pivotal-tuning token embeddings, a safetensors
 file with ``text_encoders_0`` / ``text_encoders_1`` rows for tokens ``<s0>``, ``<s1>``, ...) and
 ``special_params.json`` (prompt text -> tokens, e.g. ``{"TOK": "<s0><s1>"}``, substituted into the
-prompt as the trainer's own predictor does). diffusers' advanced trainer names the embedding rows
-``clip_l`` / ``clip_g``; both namings are read.
+prompt as the trainer's own predictor does). diffusers' advanced trainer
+(train_dreambooth_lora_sdxl_advanced.py) leaves ``pytorch_lora_weights.safetensors`` and
+``{output folder}_emb.safetensors`` (rows ``clip_l`` / ``clip_g`` for its tokens ``<s0>``, ``<s1>``, ...)
+in its output folder: a tar of that folder is a bundle too, with both namings read.
 
 Extraction never lets a member name choose a path: only regular files with a known base name are
 copied, by reading them, into fixed names under a fresh directory. Links, devices, absolute or
@@ -24,12 +26,16 @@ from pathlib import Path, PurePosixPath
 
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
+from inference.lora_validation import check_values
 from inference.safetensors_buffer import load_buffer
 
 LORA_FILE = "lora.safetensors"
 EMBEDDINGS_FILE = "embeddings.pti"
 PARAMS_FILE = "special_params.json"
 KNOWN_FILES = (LORA_FILE, EMBEDDINGS_FILE, PARAMS_FILE)
+ROLES = {LORA_FILE: "LoRA", EMBEDDINGS_FILE: "token embeddings", PARAMS_FILE: "prompt substitutions"}
+DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' training scripts
+ADVANCED_EMBEDDINGS_SUFFIX = "_emb.safetensors"  # train_dreambooth_lora_sdxl_advanced.py
 MAX_MEMBERS = 64
 MAX_PARAMS_BYTES = 64 * 1024
 EMBEDDING_KEYS = (("text_encoders_0", "clip_l"), ("text_encoders_1", "clip_g"))  # per text encoder
@@ -57,6 +63,7 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> dict[str, str]:
     dest.mkdir()
     total = 0
     found: dict[str, str] = {}
+    sources: dict[str, str] = {}  # fixed name -> the member it was copied from
     full_unet = False
     try:
         tar = tarfile.open(archive, mode="r:*")
@@ -72,12 +79,13 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> dict[str, str]:
                     continue
                 if not member.isfile():
                     raise invalid(f"member {member.name!r} is a link or special file")
-                base = PurePosixPath(name).name
-                full_unet = full_unet or base == "unet.safetensors"
-                if base not in KNOWN_FILES:
-                    continue  # logs, samples, configs: not needed to apply the LoRA
+                full_unet = full_unet or PurePosixPath(name).name == "unet.safetensors"
+                base = known_file(PurePosixPath(name))
+                if base is None:
+                    continue  # logs, samples, configs, checkpoints: not needed to apply the LoRA
                 if base in found:
-                    raise invalid(f"{base} appears twice")
+                    raise invalid(f"two files hold the {ROLES[base]} ({sources[base]!r} and {name!r})")
+                sources[base] = name
                 total += member.size
                 if total > max_bytes:
                     raise invalid(f"unpacks to more than {max_bytes} bytes")
@@ -90,6 +98,21 @@ def extract_bundle(archive: Path, dest: Path, max_bytes: int) -> dict[str, str]:
         kind = "a full fine-tune (unet.safetensors), not a LoRA" if full_unet else "nothing to load"
         raise invalid(f"no {LORA_FILE} in the archive: {kind}")
     return found
+
+
+def known_file(path: PurePosixPath) -> str | None:
+    """The fixed name a member is copied to, or None when it is not needed. A trainer's output folder
+    tarred as it is works too: diffusers' scripts name the LoRA ``pytorch_lora_weights.safetensors``,
+    the advanced trainer its embeddings ``{folder}_emb.safetensors``; ``checkpoint-N/`` is skipped."""
+    if any(part.startswith("checkpoint-") for part in path.parts[:-1]):
+        return None
+    if path.name in KNOWN_FILES:
+        return path.name
+    if path.name == DIFFUSERS_LORA_FILE:
+        return LORA_FILE
+    if path.name.endswith(ADVANCED_EMBEDDINGS_SUFFIX):
+        return EMBEDDINGS_FILE
+    return None
 
 
 def _members(tar: tarfile.TarFile):
@@ -181,4 +204,8 @@ def load_embedding_rows(embeddings: Path, expected_sha256: str | None = None) ->
     """The (tokens, width) tensors for text_encoder and text_encoder_2, in that order (the file's
     sha256 checked first: `CorruptEntry` on a mismatch)."""
     tensors, _ = load_buffer(read_verified(embeddings, expected_sha256))
+    try:
+        check_values(tensors)
+    except ServiceError as exc:
+        raise invalid(f"{EMBEDDINGS_FILE}: {exc.message}") from None
     return [tensors[next(k for k in names if k in tensors)] for names in EMBEDDING_KEYS]

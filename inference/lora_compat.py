@@ -24,13 +24,14 @@ import torch
 
 from inference.errors import ErrorCode, ServiceError
 from inference.integrity import read_verified
+from inference.kohya import LYCORIS_MARKERS, fold_kohya_alphas, is_kohya_layout, refuse_other_networks
+from inference.lora_validation import check_values, checked_metadata
 from inference.peft_internals import base_layer_of
 from inference.safetensors_buffer import load_buffer
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
-LYCORIS_MARKERS = ("hada_", "lokr_", ".oft_", "lora_mid", ".dora_scale", "lora_te3_")
 UNET_BLOCKS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' per-component LoraConfig kwargs in the safetensors header
 
@@ -66,47 +67,42 @@ def read_lora(pipe, path: Path, expected_sha256: str | None = None, pin_memory: 
     `load_lora_weights` would (kohya/A1111 keys included). With `pin_memory` the tensors live in
     page-locked memory, for a fast copy to the GPU.
 
-    cog-sdxl (Replicate) saves UNet attention-processor keys without the ``unet.`` prefix that
-    diffusers' loaders select by; they get it here.
+    Values and adapter metadata are checked first (`inference.lora_validation`); DoRA and LyCORIS
+    are refused on the file's own keys; a kohya-layout file gets its alphas folded in first
+    (`inference.kohya`). cog-sdxl (Replicate) saves UNet attention-processor keys
+    without the ``unet.`` prefix that diffusers' loaders select by; they get it here.
     """
     buffer = read_verified(path, expected_sha256, pin_memory)  # FileNotFoundError: evicted by another worker
     try:
         raw, header = load_buffer(buffer)
     except ValueError as exc:
         raise ServiceError(ErrorCode.LORA_INVALID, f"not a readable safetensors LoRA: {str(exc)[:300]}") from exc
+    check_values(raw)
+    metadata = _adapter_metadata(header)
+    refuse_other_networks(list(raw))
+    if is_kohya_layout(raw):
+        raw = fold_kohya_alphas(raw)
     try:
-        metadata = json.loads(header[METADATA_KEY]) if header.get(METADATA_KEY) else None
         state_dict, alphas, _ = pipe.lora_state_dict(raw, unet_config=pipe.unet.config, return_lora_metadata=True)
     except Exception as exc:  # diffusers raises ValueError/KeyError/... on layouts it cannot convert
         raise _conversion_error(exc) from exc
-    state_dict, alphas = fold_alphas(state_dict, alphas)
-    if state_dict and all(k.split(".", 1)[0] in UNET_BLOCKS for k in state_dict):
-        state_dict = {f"unet.{k}": v for k, v in state_dict.items()}
-    return LoraWeights(state_dict, alphas, metadata)
+    state_dict = {f"unet.{k}" if k.split(".", 1)[0] in UNET_BLOCKS else k: v for k, v in state_dict.items()}
+    return LoraWeights(state_dict, alphas or None, checked_metadata(metadata, state_dict))
 
 
-def fold_alphas(state_dict: dict[str, torch.Tensor], alphas: dict[str, float] | None):
-    """Scale each module's up weight by its kohya alpha/rank and drop the alphas: the same W + BA.
-
-    diffusers turns kohya alphas into a LoraConfig whose per-module `alpha_pattern` keys match no
-    module (diffusers 0.42: "alpha_pattern keys did not match any targeted module and were ignored"),
-    so a file whose modules have different alphas (resized LoRAs, block-weighted merges) would get
-    the most common alpha everywhere. Folded, every module has alpha = rank, which diffusers gets
-    right. Left as they are when some alpha names no down/up pair.
-    """
-    if not alphas:
-        return state_dict, alphas
-    pairs = {}
-    for key, alpha in alphas.items():
-        down = key.removesuffix(".alpha")
-        up = down.removesuffix("down.weight") + "up.weight" if down.endswith("down.weight") else None
-        if down not in state_dict or up not in state_dict:
-            return state_dict, alphas
-        pairs[up] = float(alpha) / state_dict[down].shape[0]
-    folded = dict(state_dict)
-    for up, factor in pairs.items():
-        folded[up] = state_dict[up] * factor
-    return folded, None
+def _adapter_metadata(header: dict[str, str]) -> dict | None:
+    """diffusers' per-component LoraConfig kwargs from the header, as a JSON object, or None."""
+    text = header.get(METADATA_KEY)
+    if not text:
+        return None
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ServiceError(ErrorCode.LORA_INVALID, f"{METADATA_KEY} in the header is not JSON ({exc})") from None
+    if not isinstance(metadata, dict):
+        raise ServiceError(ErrorCode.LORA_INVALID, f"{METADATA_KEY} in the header is a {type(metadata).__name__}, "
+                                                   "not a JSON object")
+    return metadata
 
 
 def check_lora_weights(pipe, state_dict: dict[str, torch.Tensor]) -> LoraSummary:
@@ -121,7 +117,7 @@ def check_lora_weights(pipe, state_dict: dict[str, torch.Tensor]) -> LoraSummary
 
     stray = sorted(k for k in state_dict if k.split(".", 1)[0] not in COMPONENTS)
     if stray:
-        raise incompatible(f"{len(stray)} keys match no component of an SDXL pipeline, e.g. {stray[0]!r}")
+        raise incompatible(f"{len(stray)} of {len(state_dict)} keys match no component of an SDXL pipeline, e.g. {stray[0]!r}")
 
     layers: dict[str, int] = {}
     ranks: set[int] = set()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from inference.bundles import load_embedding_rows
-from inference.errors import ServiceError
+from inference.errors import ErrorCode, ServiceError
 from inference.hotswap import UnetLora
 from inference.integrity import CorruptEntry
 from inference.lora_compat import LoraSummary, LoraWeights, check_lora_weights, read_lora
@@ -40,10 +40,22 @@ def prepare(pipe, lora: LoraFile, pin_memory: bool = False) -> PreparedLora:
     try:
         weights = read_lora(pipe, lora.path, lora.expected_sha256(lora.path), pin_memory)
         summary = check_lora_weights(pipe, weights.state_dict)
+        unet = UnetLora.parse(weights)
+        check_declared_ranks(unet)
         rows = None
         if lora.tokens is not None:
             rows = load_embedding_rows(lora.tokens.embeddings, lora.expected_sha256(lora.tokens.embeddings))
     except (ServiceError, CorruptEntry) as exc:
         exc.lora = lora
         raise
-    return PreparedLora(lora, weights, summary, UnetLora.parse(weights), rows)
+    return PreparedLora(lora, weights, summary, unet, rows)
+
+
+def check_declared_ranks(unet: UnetLora | None) -> None:
+    """lora_invalid when the file's metadata gives a module another rank than its tensors have: PEFT
+    would refuse it at injection, but a copy into a resident adapter's layers would scale it wrong."""
+    for path in sorted(unet.modules) if unet is not None else ():
+        declared, actual = unet.rank_alpha(path)[0], unet.state[f"{path}.lora_A.weight"].shape[0]
+        if declared != actual:
+            raise ServiceError(ErrorCode.LORA_INVALID, f"lora_adapter_metadata gives unet.{path} rank {declared}, "
+                                                       f"its tensors have rank {actual}")

@@ -202,6 +202,24 @@ def random_lora(pipe, rank: int = 4, seed: int = 0, text_encoders: bool = False,
     return lora
 
 
+KOHYA_EXTRA_TARGETS = ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+
+
+def kohya_untrained_layers(pipe, rank: int) -> dict[str, LoraLayer]:
+    """The other Linear layers kohya's networks/lora.py wraps in every Transformer2DModel (projections,
+    feed-forward), with the zero up weights kohya initialises them to: a kohya file carries them, at no
+    change to the weights, so every format of one seed still holds the same LoRA."""
+    gen = torch.Generator().manual_seed(rank)
+    layers = {}
+    for name, module in sorted(pipe.unet.named_modules()):
+        name = name.removesuffix(".base_layer")
+        if (isinstance(module, torch.nn.Linear) and ".attentions." in f".{name}"
+                and any(name.endswith("." + t) for t in KOHYA_EXTRA_TARGETS)):
+            down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+            layers[f"unet.{name}"] = LoraLayer(down=down, up=torch.zeros(module.out_features, rank), alpha=float(rank))
+    return dict(sorted(layers.items()))
+
+
 def _sgm_unet_path(path: str, layers_per_block: int) -> str:
     """diffusers UNet module path -> the original (SGM) UNet path that kohya's SDXL LoRAs use."""
     parts = path.split(".")
@@ -232,15 +250,21 @@ def lora_state_dict(lora: dict[str, LoraLayer], fmt: str, layers_per_block: int 
                 metadata[component] = config
         return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(_prefixed(metadata))}
     if fmt == "kohya":
+        # Per-module alphas, as resized and block-weighted kohya files have: module i gets alpha * 2^(i%3 - 1)
+        # and its up weight the inverse power of two, so alpha/rank * up, and the weights, are exactly the
+        # other formats'. Text encoders are named as kohya names transformers 4's CLIP (text_model.).
         kohya_prefix = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
-        for name, layer in lora.items():
+        for index, (name, layer) in enumerate(lora.items()):
             component, path = name.split(".", 1)
             if component == "unet":
                 path = _sgm_unet_path(path, layers_per_block)
+            elif not path.startswith("text_model."):
+                path = f"text_model.{path}"
             key = f"{kohya_prefix[component]}_{path.replace('.', '_')}"
+            ratio = 2.0 ** (index % 3 - 1)
             tensors[f"{key}.lora_down.weight"] = layer.down.contiguous()
-            tensors[f"{key}.lora_up.weight"] = layer.up.contiguous()
-            tensors[f"{key}.alpha"] = torch.tensor(layer.alpha)
+            tensors[f"{key}.lora_up.weight"] = (layer.up / ratio).contiguous()
+            tensors[f"{key}.alpha"] = torch.tensor(layer.alpha * ratio)
         return tensors, {"format": "pt", "ss_network_module": "networks.lora"}
     if fmt == "replicate":
         # cog-sdxl's attention-processor layout, no alpha (scale 1): alpha/r is folded into `up`,
@@ -284,6 +308,8 @@ def write_lora(model_dir: str | Path, out: str | Path, *, rank: int = 4, fmt: st
 
     pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
     lora = random_lora(pipe, rank=rank, seed=seed, text_encoders=text_encoders)
+    if fmt == "kohya":
+        lora = {**lora, **kohya_untrained_layers(pipe, rank)}
     tensors, metadata = lora_state_dict(lora, fmt, pipe.unet.config.layers_per_block)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
