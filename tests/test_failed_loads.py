@@ -158,20 +158,27 @@ def test_a_failed_load_leaves_the_modules_and_weights_as_they_were(engine, store
     assert np.array_equal(render(engine, store, [(good, 1.0)]), image), "the next good image changed"
 
 
-def test_the_planted_failures_and_claims_are_reached_through_peft(tiny_model, store, tmp_path):
-    """Each hostile file that needs PEFT's injection to fail does go through it: the text-encoder
-    files, the DoRA/bias claims and the unwrapped module (a refusal before injection would prove
-    nothing about the clean-up)."""
+def test_metadata_claims_are_refused_before_peft_and_the_rest_reach_it(tiny_model, store, tmp_path):
+    """The metadata claims PEFT would act on are refused by `lora_validation` before any injection
+    (naming the key); the text-encoder file that fails half-way does go through PEFT, so the
+    clean-up above is proved on a real PEFT failure and not on an early refusal."""
     engine = Engine(str(tiny_model), device="cpu", max_resident_adapters=2)
     calls = []
     real = engine.txt2img.load_lora_into_unet
     engine.txt2img.load_lora_into_unet = lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs)
-    for case in ("modules_to_save on the UNet", "use_dora without magnitudes", "lora_bias without biases",
-                 "a rank that is not the tensors', reaching an unwrapped module", "layer replication"):
-        path = write(engine.txt2img, tmp_path / "h.safetensors", **HOSTILE[case].file)
-        with pytest.raises(ServiceError):
-            engine.adapters.activate([(store.fetch(f"h-{len(calls)}", str(path)), 1.0)])
-        assert len(calls) == 1, case
+    refused_first = {"modules_to_save on the UNet": "unet.modules_to_save",
+                     "modules_to_save on a text encoder": "text_encoder.modules_to_save",
+                     "use_dora without magnitudes": "unet.use_dora", "lora_bias without biases": "unet.lora_bias",
+                     "PiSSA init": "unet.init_lora_weights", "layer replication": "unet.layer_replication",
+                     "a rank that is not the tensors', reaching an unwrapped module": "rank 8"}
+    for number, case in enumerate([*refused_first, "a text-encoder LoRA failing half-way"]):
+        path = write(engine.txt2img, tmp_path / f"h{number}.safetensors", **HOSTILE[case].file)
+        with pytest.raises(ServiceError) as err:
+            engine.adapters.activate([(store.fetch(f"h-{number}", str(path)), 1.0)])
+        if case in refused_first:
+            assert calls == [] and refused_first[case] in str(err.value), (case, str(err.value))
+        else:
+            assert len(calls) == 1, case
         calls.clear()
 
 
