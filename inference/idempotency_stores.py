@@ -195,6 +195,7 @@ class SharedStore(IdempotencyStore):
         self._watched: dict[str, Future] = {}  # claims held elsewhere, read by the poller
         self._io = threading.Lock()  # a renewal never lands after keep/drop wrote
         self._poller: threading.Thread | None = None
+        self._closed = threading.Event()
 
     def claim(self, key: str, request: GenerateRequest) -> Claim:
         name = hashlib.sha256(key.encode()).hexdigest()
@@ -284,16 +285,20 @@ class SharedStore(IdempotencyStore):
 
     # -- the poller: renews this worker's leases, reads the records it waits on ------------------
 
+    def close(self) -> None:
+        """Stop the poller: this worker's leases run out and other workers take its keys over."""
+        self._closed.set()
+
     def _start_poller(self) -> None:
         with self._lock:
-            if self._poller is None and (self._mine or self._watched):
+            if self._poller is None and not self._closed.is_set() and (self._mine or self._watched):
                 self._poller = threading.Thread(target=self._poll_forever, name="idempotency-poller", daemon=True)
                 self._poller.start()
 
     def _poll_forever(self) -> None:
-        """Until nothing is left to renew or wait for; the next claim starts it again."""
-        while True:
-            time.sleep(self.poll_s)
+        """Until nothing is left to renew or wait for (the next claim starts it again) or `close`."""
+        failing = False
+        while not self._closed.wait(self.poll_s):
             with self._lock:
                 if not self._mine and not self._watched:
                     self._poller = None
@@ -301,8 +306,16 @@ class SharedStore(IdempotencyStore):
             try:
                 self._renew()
                 self._read_watched()
-            except Exception:  # a flaky backend must not end the poller: the next tick tries again
-                log.exception("idempotency poller")
+            except Exception as exc:  # a flaky backend must not end the poller: the next tick tries again
+                if not failing:
+                    log.exception("idempotency poller: the store is not answering")
+                else:
+                    log.debug("idempotency poller still failing: %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("idempotency poller: the store answers again")
+                failing = False
 
     def _renew(self) -> None:
         now = time.monotonic()

@@ -47,8 +47,20 @@ def backend_record(backend, response) -> bytes:
     return data
 
 
+WORKERS: list[SharedStore] = []
+
+
+@pytest.fixture(autouse=True)
+def close_workers():
+    """A store left with a claim (a "dead" worker) would poll its backend after the test's server stopped."""
+    yield
+    while WORKERS:
+        WORKERS.pop().close()
+
+
 def worker(backend, ttl_s: float = 3600, max_bytes: int = 10**6, lease_s: float = 5.0) -> SharedStore:
-    return SharedStore(backend, ttl_s, max_bytes, lease_s, poll_s=0.05)
+    WORKERS.append(SharedStore(backend, ttl_s, max_bytes, lease_s, poll_s=0.05))
+    return WORKERS[-1]
 
 
 def test_a_key_kept_by_one_worker_is_replayed_by_another_and_its_waiter_gets_it(backend):
