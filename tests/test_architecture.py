@@ -197,7 +197,6 @@ def test_peft_layer_internals_are_touched_in_peft_internals_alone():
 
 MAX_MODULE_LINES, MAX_CLASS_LINES, MAX_FUNCTION_LINES = 400, 250, 60
 SIZED_PACKAGES = ("inference", "api", "handler", "sdxl_lora_client")
-# Modules other helpers are splitting now (issue 26); the lead empties this at merge.
 SPLIT_IN_PROGRESS: set[str] = set()  # modules exempt from the sizes while a split is under way (none now)
 
 
