@@ -33,7 +33,8 @@ from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, Prefetc
 from inference.backpressure import ServiceTimes
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, RequestCancelled, ServiceError
-from inference.idempotency import WAITING, Claim, IdempotencyStore
+from inference.idempotency import WAITING, Claim
+from inference.idempotency_stores import store_from_settings
 from inference.settings import Settings
 
 log = logging.getLogger("sdxl_lora.api")
@@ -96,7 +97,7 @@ class Admission:
         self.executor = ThreadPoolExecutor(max_workers=settings.queue_max + 1, thread_name_prefix="generate")
         self._recent_seconds = 5.0
         self.service_times = ServiceTimes()  # how long a request holds the pipeline: Retry-After
-        self.idempotency = IdempotencyStore.from_settings(settings)
+        self.idempotency = store_from_settings(settings)
         self.grace_s = grace_s
         self.draining = False
         self.drain_deadline = float("inf")  # time.monotonic() at which waiting requests are answered busy

@@ -32,7 +32,8 @@ from sdxl_lora_client.contract import GenerateRequest, PrefetchRequest
 from inference.backpressure import ServiceTimes, with_retry_after
 from inference.deadline import Deadline
 from inference.errors import ErrorCode, ServiceError, validation_message
-from inference.idempotency import IdempotencyStore, check_key
+from inference.idempotency import check_key
+from inference.idempotency_stores import store_from_settings
 
 log = logging.getLogger("sdxl_lora.handler")
 
@@ -47,7 +48,7 @@ class Jobs:
     def __init__(self, service, progress_update: Callable[[dict, str], None] | None):
         self.service = service
         self.progress_update = progress_update
-        self.idempotency = IdempotencyStore.from_settings(service.settings)
+        self.idempotency = store_from_settings(service.settings)
         self.service_times = ServiceTimes()
         self.held = 0  # jobs in hand: a busy answer's Retry-After is the time they take
 

@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, ServiceError
-from inference.settings import RUNPOD_VOLUME, Settings
 
 # 1..200 visible ASCII characters: what an HTTP header carries unchanged (no spaces, which HTTP
 # trims from a value's ends).
@@ -73,24 +72,6 @@ class Claim:
 class IdempotencyStore:
     """What every store offers: claim / keep / drop, and `answer` for a synchronous caller."""
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> IdempotencyStore:
-        from inference.idempotency_stores import shared_store
-
-        kind = settings.idempotency_store
-        if kind == "auto" and settings.s3_bucket:
-            kind = "s3"
-        elif kind == "auto" and _on_runpod_volume(settings):
-            try:
-                return shared_store("volume", settings)
-            except OSError as exc:  # the volume could not be prepared: the LoRA cache falls back too
-                log.warning("idempotency keys kept by this worker only: %s is not writable (%s)",
-                            settings.lora_cache_dir.parent, exc.strerror or exc)
-                kind = "memory"
-        if kind in ("auto", "memory"):
-            return MemoryStore(settings.idempotency_ttl_s, settings.idempotency_max_bytes)
-        return shared_store(kind, settings)
-
     def claim(self, key: str, request: GenerateRequest) -> Claim:
         """The key's claim: a new one that the caller renders for (`first`), or the outcome of the one
         a request with the same body made (kept, or still to come). Another body is `invalid_request`."""
@@ -129,11 +110,6 @@ class IdempotencyStore:
                 raise timed_out(deadline, WAITING) from None
             if kept is not None:
                 return kept, True
-
-
-def _on_runpod_volume(settings: Settings) -> bool:
-    """Whether the LoRA cache is RunPod's network volume, shared by every worker of the endpoint."""
-    return settings.lora_cache_dir.is_relative_to(RUNPOD_VOLUME) and RUNPOD_VOLUME.is_dir()
 
 
 @dataclass(eq=False)

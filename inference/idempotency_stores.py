@@ -40,22 +40,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
-from inference.idempotency import Claim, IdempotencyStore, other_body, request_hash
-from inference.settings import Settings
+from inference.idempotency import Claim, IdempotencyStore, MemoryStore, other_body, request_hash
+from inference.settings import RUNPOD_VOLUME, Settings
+from inference.sources import make_s3_client
 
 log = logging.getLogger("sdxl_lora.idempotency")
 POLL_S = 0.2  # how often a waiter reads a record claimed elsewhere, and the renewal timer's tick
 STALE = ".stale."  # a takeover marker's name: <record>.stale.<the stale record's stamp>
 
 
-def shared_store(kind: str, settings: Settings) -> SharedStore:
+def store_from_settings(settings: Settings) -> IdempotencyStore:
+    """IDEMPOTENCY_STORE: `auto` is S3 with a bucket, else the RunPod volume, else this process's memory."""
+    kind = settings.idempotency_store
+    if kind == "auto" and settings.s3_bucket:
+        kind = "s3"
+    elif kind == "auto" and _on_runpod_volume(settings):
+        try:
+            return _shared_store("volume", settings)
+        except OSError as exc:  # the volume could not be prepared: the LoRA cache falls back too
+            log.warning("idempotency keys kept by this worker only: %s is not writable (%s)",
+                        settings.lora_cache_dir.parent, exc.strerror or exc)
+            kind = "memory"
+    if kind in ("auto", "memory"):
+        return MemoryStore(settings.idempotency_ttl_s, settings.idempotency_max_bytes)
+    return _shared_store(kind, settings)
+
+
+def _on_runpod_volume(settings: Settings) -> bool:
+    """Whether the LoRA cache is RunPod's network volume, shared by every worker of the endpoint."""
+    return settings.lora_cache_dir.is_relative_to(RUNPOD_VOLUME) and RUNPOD_VOLUME.is_dir()
+
+
+def _shared_store(kind: str, settings: Settings) -> SharedStore:
     if kind == "s3":
         if not settings.s3_bucket:
             raise ValueError("SDXL_LORA_IDEMPOTENCY_STORE=s3 needs SDXL_LORA_S3_BUCKET")
-        from inference.sources import make_s3_client
-
-        backend = S3Backend(make_s3_client(settings.s3_endpoint_url, timeout_s=10.0), settings.s3_bucket,
-                            f"{settings.s3_prefix}idempotency/")
+        backend: VolumeBackend | S3Backend = S3Backend(make_s3_client(settings.s3_endpoint_url, timeout_s=10.0),
+                                                       settings.s3_bucket, f"{settings.s3_prefix}idempotency/")
     else:
         backend = VolumeBackend(settings.lora_cache_dir.parent / "idempotency")
     return SharedStore(backend, settings.idempotency_ttl_s, settings.idempotency_max_bytes,

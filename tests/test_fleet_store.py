@@ -12,8 +12,8 @@ import time
 import pytest
 
 from inference.errors import ErrorCode, ServiceError
-from inference.idempotency import IdempotencyStore, MemoryStore, answer_size
-from inference.idempotency_stores import S3Backend, SharedStore, VolumeBackend
+from inference.idempotency import MemoryStore, answer_size
+from inference.idempotency_stores import S3Backend, SharedStore, VolumeBackend, store_from_settings
 from inference.settings import Settings
 from tests.servers import S3Server
 from tests.test_idempotency import OTHER, REQUEST, answer
@@ -185,11 +185,11 @@ def test_auto_picks_s3_with_a_bucket_and_memory_off_runpod(tmp_path, s3, monkeyp
                         "AWS_REGION": "us-east-1"}.items():
         monkeypatch.setenv(name, value)
     plain = Settings(lora_cache_dir=tmp_path / "loras")
-    assert isinstance(IdempotencyStore.from_settings(plain), MemoryStore)
+    assert isinstance(store_from_settings(plain), MemoryStore)
     with_bucket = Settings(lora_cache_dir=tmp_path / "loras", s3_bucket="keys", s3_endpoint_url=s3.endpoint)
-    assert isinstance(IdempotencyStore.from_settings(with_bucket).backend, S3Backend)
+    assert isinstance(store_from_settings(with_bucket).backend, S3Backend)
     volume = Settings(lora_cache_dir=tmp_path / "v" / "loras", idempotency_store="volume")
-    assert IdempotencyStore.from_settings(volume).backend.directory == tmp_path / "v" / "idempotency"
+    assert store_from_settings(volume).backend.directory == tmp_path / "v" / "idempotency"
 
 
 # -- the memory store's bounds (issue 32) ------------------------------------------------------
