@@ -11,6 +11,8 @@
 #   (b) python -m handler --rp_serve_api: POST /runsync answers COMPLETED with an image
 #   (c) the image's own SDXL_LORA_DEVICE=cuda on a machine without a usable GPU: exits non-zero
 #       within CUDA_EXIT_S seconds, saying CUDA is the reason
+#   (d) COMPILE=on's toolchain: Triton's own builder (the one that compiles its CUDA launcher at the
+#       first compiled kernel) builds and loads a C extension as the app user (needs cc, Python.h)
 #
 # The LoRA is served from inside the container (python -m http.server on 127.0.0.1, the service
 # allowed to fetch loopback URLs with SDXL_LORA_ALLOW_PRIVATE_URLS=1): --network none leaves the
@@ -213,6 +215,18 @@ if [ $rc -ne 0 ] && [ $rc -ne 124 ] && [ $secs -le "$CUDA_EXIT_S" ] && grep -q '
 else
   show "(c) exit $rc" "$work/c.log"
   record "(c) SDXL_LORA_DEVICE=cuda without a GPU exits non-zero naming CUDA" FAIL "exit $rc, $secs s, limit ${CUDA_EXIT_S} s"
+fi
+
+# ---- (d) Triton can build its launcher (COMPILE=on on a GPU) -------------------------------------
+log "(d) triton.runtime.build compiles a C extension as the app user"
+probe='from triton.runtime.build import compile_module_from_src as build
+src = "#include <Python.h>\nstatic struct PyModuleDef d = {PyModuleDef_HEAD_INIT, \"probe\", 0, -1, 0};\nPyMODINIT_FUNC PyInit_probe(void) { return PyModule_Create(&d); }\n"
+print("built", build(src, "probe").__name__)'
+docker run --rm --network none "$IMAGE" python -c "$probe" >"$work/d.log" 2>&1
+if grep -qx 'built probe' "$work/d.log"; then
+  record "(d) Triton builds a C extension (its CUDA launcher's path) as uid 1000" PASS
+else
+  show "(d)" "$work/d.log"; record "(d) Triton builds a C extension (its CUDA launcher's path) as uid 1000" FAIL
 fi
 
 echo
