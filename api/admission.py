@@ -33,7 +33,7 @@ from sdxl_lora_client.contract import GenerateRequest, GenerateResponse, Prefetc
 from inference.backpressure import ServiceTimes
 from inference.deadline import Deadline, timed_out
 from inference.errors import ErrorCode, RequestCancelled, ServiceError
-from inference.idempotency import WAITING, Claim
+from inference.idempotency import Claim, still_running
 from inference.idempotency_stores import store_from_settings
 from inference.settings import Settings
 
@@ -182,7 +182,7 @@ class Admission:
             if await request.is_disconnected():
                 raise RequestCancelled("the client hung up")
             if deadline.expired:
-                raise timed_out(deadline, WAITING)
+                raise still_running(claim.key)
         return outcome.result()
 
     async def run(self, body: GenerateRequest, request: Request, deadline: Deadline | None = None) -> GenerateResponse:

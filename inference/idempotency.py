@@ -27,14 +27,20 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
-from inference.deadline import Deadline, timed_out
+from inference.deadline import Deadline
 from inference.errors import ErrorCode, ServiceError
 
 # 1..200 visible ASCII characters: what an HTTP header carries unchanged (no spaces, which HTTP
 # trims from a value's ends).
 KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 log = logging.getLogger("sdxl_lora.idempotency")
-WAITING = "while waiting for the first request with the same idempotency key"
+
+
+def still_running(key: str) -> ServiceError:
+    """A repeat whose deadline passed while the first request with its key still ran (here or on
+    another worker): `busy`, so the caller retries after Retry-After and gets the kept answer."""
+    return ServiceError(ErrorCode.BUSY, f"the first request with idempotency key {key[:40]!r} is still "
+                        "running; its answer is kept for a repeat")
 
 
 def check_key(key: object) -> str:
@@ -107,7 +113,7 @@ class IdempotencyStore:
             try:
                 kept = claim.outcome.result(timeout=max(0.0, deadline.remaining()))
             except FutureTimeout:
-                raise timed_out(deadline, WAITING) from None
+                raise still_running(key) from None
             if kept is not None:
                 return kept, True
 

@@ -126,12 +126,15 @@ def test_a_duplicate_waits_for_the_first_answer_and_renders_when_the_first_fails
     assert store.answer("f", REQUEST, render("cccc"), Deadline(60)) == answer("bbbb") and renders == ["bbbb"]
 
 
-def test_a_duplicate_waits_no_longer_than_its_own_deadline():
+def test_a_duplicate_waits_no_longer_than_its_own_deadline_then_is_busy_and_never_renders():
+    """Issue 27: a repeat meets a key claimed elsewhere; past its deadline it answers `busy` (the
+    caller retries after Retry-After and gets the kept answer), never renders the key itself."""
     store = IdempotencyStore(ttl_s=3600, max_bytes=10**6)
     store.claim("k", REQUEST)
+    renders: list[int] = []
     with pytest.raises(ServiceError) as late:
-        store.answer("k", REQUEST, lambda: answer("xxxx"), Deadline(0))
-    assert late.value.code == ErrorCode.TIMEOUT and "idempotency key" in late.value.message
+        store.answer("k", REQUEST, lambda: renders.append(1) or answer("xxxx"), Deadline(0))
+    assert late.value.code == ErrorCode.BUSY and "idempotency key" in late.value.message and renders == []
 
 
 @pytest.mark.parametrize("key", ["job-1/clip-3/9f2c", "a", "x" * 200, "~!{}"])
