@@ -13,34 +13,28 @@ A stale record (lease or TTL run out) is taken over by an atomic create of a mar
 so only one worker takes it. Leases and TTLs are on the wall clock: the workers' clocks must agree to
 well within a lease (NTP does).
 
-Atomicity relied on:
-- volume: a hard link (`os.link` of a fully written temporary file), which fails when the name
-  exists: atomic on local filesystems and on NFS (the classic NFS lock), so a record is never seen
-  half written. A filesystem without hard links falls back to O_CREAT|O_EXCL (atomic on local
-  filesystems and NFSv3+; on older NFS two workers may both win and both render: the answers
-  stay correct, only the render is paid twice).
-- s3: PutObject with `If-None-Match: *` (412 when the key exists; AWS S3 since 2024, MinIO, moto
-  >= 5.0.15). A store that ignores the header lets both creates win: the key renders twice, the
-  later answer replaces the earlier one. Renewal reads the record before writing it, which leaves a
-  short window where a takeover can be overwritten after a worker stalled past its lease.
+The backends (inference/idempotency_backends.py) say how atomic each write is. A claim is an
+atomic create; a renewal and a dropped claim are conditional on the version this worker read, so a
+worker that stalled past its lease never overwrites or deletes the claim another worker took over
+(exact on S3 with `If-Match`; on the volume the version is checked just before the rename). A store
+that ignores the conditions lets both creates win: the key renders twice, the later answer
+replaces the earlier one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
-from pathlib import Path
 
 from sdxl_lora_client.contract import GenerateRequest, GenerateResponse
 from inference.idempotency import Claim, IdempotencyStore, MemoryStore, other_body, request_hash
+from inference.idempotency_backends import S3Backend, VolumeBackend
 from inference.settings import RUNPOD_VOLUME, Settings
 from inference.sources import make_s3_client
 
@@ -81,98 +75,6 @@ def _shared_store(kind: str, settings: Settings) -> SharedStore:
         backend = VolumeBackend(settings.lora_cache_dir.parent / "idempotency")
     return SharedStore(backend, settings.idempotency_ttl_s, settings.idempotency_max_bytes,
                        settings.idempotency_lease_s)
-
-
-class VolumeBackend:
-    """Records as files in one folder of the shared volume."""
-
-    def __init__(self, directory: Path):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-
-    def create(self, name: str, data: bytes) -> bool:
-        path = self.directory / name
-        temporary = self._write_temporary(data)
-        try:
-            os.link(temporary, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:  # no hard links here: an exclusive create, written in place
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            return True
-        finally:
-            temporary.unlink(missing_ok=True)
-
-    def read(self, name: str) -> bytes | None:
-        with contextlib.suppress(FileNotFoundError):
-            return (self.directory / name).read_bytes()
-        return None
-
-    def write(self, name: str, data: bytes) -> None:
-        os.replace(self._write_temporary(data), self.directory / name)
-
-    def delete(self, name: str) -> None:
-        (self.directory / name).unlink(missing_ok=True)
-
-    def listing(self) -> list[tuple[str, int, float]]:
-        """(name, bytes, modified) of each record and marker."""
-        found = []
-        for item in os.scandir(self.directory):
-            if item.name.startswith("."):
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                stat = item.stat()
-                found.append((item.name, stat.st_size, stat.st_mtime))
-        return found
-
-    def _write_temporary(self, data: bytes) -> Path:
-        temporary = self.directory / f".tmp-{uuid.uuid4().hex}"
-        temporary.write_bytes(data)
-        return temporary
-
-
-class S3Backend:
-    """Records as objects under `<S3_PREFIX>idempotency/` in S3_BUCKET."""
-
-    def __init__(self, client, bucket: str, prefix: str):
-        self.client, self.bucket, self.prefix = client, bucket, prefix
-
-    def create(self, name: str, data: bytes) -> bool:
-        from botocore.exceptions import ClientError
-
-        try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data, IfNoneMatch="*")
-            return True
-        except ClientError as exc:
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if status in (409, 412):  # 409: a concurrent conditional write of the same key is in flight
-                return False
-            raise
-
-    def read(self, name: str) -> bytes | None:
-        try:
-            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
-        except self.client.exceptions.NoSuchKey:
-            return None
-
-    def write(self, name: str, data: bytes) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data)
-
-    def delete(self, name: str) -> None:
-        self.client.delete_object(Bucket=self.bucket, Key=self.prefix + name)
-
-    def listing(self) -> list[tuple[str, int, float]]:
-        found = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix):
-            for item in page.get("Contents", []):
-                found.append((item["Key"][len(self.prefix):], item["Size"], item["LastModified"].timestamp()))
-        return found
 
 
 @dataclass
@@ -264,9 +166,9 @@ class SharedStore(IdempotencyStore):
         name, _ = claim.token
         with self._io:
             self._forget_mine(name)
-            data = self.backend.read(name)
-            if data is not None and Record.parse(data).owner == self.owner:
-                self.backend.delete(name)
+            found = self.backend.read_versioned(name)
+            if found is not None and Record.parse(found[0]).owner == self.owner:
+                self.backend.delete_if(name, found[1])  # not a claim taken over meanwhile
         claim.outcome.set_result(None)
 
     # -- claims ------------------------------------------------------------------------------
@@ -341,18 +243,25 @@ class SharedStore(IdempotencyStore):
     def _renew(self) -> None:
         now = time.monotonic()
         with self._lock:
-            due = [(name, claim.token[1]) for name, claim in self._mine.items()
-                   if now - self._renewed[name] >= self.lease_s / 3]
+            due = [(name, self._mine[name].token[1]) for name, renewed in self._renewed.items()
+                   if now - renewed >= self.lease_s / 3]
         for name, body in due:
             with self._io:
-                if name not in self._mine:
-                    continue
-                data = self.backend.read(name)
-                if data is not None and Record.parse(data).owner not in (None, self.owner):
-                    log.warning("idempotency record %s… was taken over while this worker rendered it", name[:12])
-                    continue
-                self.backend.write(name, self._running(body).dump())
-                self._renewed[name] = now
+                if name in self._renewed and not self._renewed_in_place(name, body):
+                    log.warning("idempotency record %s… was taken over while this worker rendered it: "
+                                "its lease is no longer renewed", name[:12])
+                    self._renewed.pop(name, None)  # local repeats still wait on this render
+                elif name in self._renewed:
+                    self._renewed[name] = now
+
+    def _renewed_in_place(self, name: str, body: str) -> bool:
+        """Write a new lease over this worker's record, unless another worker's claim replaced it."""
+        found = self.backend.read_versioned(name)
+        if found is None:  # deleted by a sweep or an operator: claim it again
+            return self.backend.create(name, self._running(body).dump())
+        if Record.parse(found[0]).owner != self.owner:
+            return False
+        return self.backend.replace(name, self._running(body).dump(), found[1])
 
     def _read_watched(self) -> None:
         with self._lock:

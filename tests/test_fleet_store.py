@@ -1,10 +1,11 @@
-"""The fleet's idempotency store (inference/idempotency_stores.py) on its two backends, the cache
-volume's folder and S3 (moto's server, real boto3), with two or three store objects standing for
-workers; and the memory store's bounds (issue 32)."""
+"""The fleet's idempotency store (inference/idempotency_stores.py) on its two backends
+(idempotency_backends.py), the cache volume's folder and S3 (moto's server, real boto3), with two or
+three store objects standing for workers; and the memory store's bounds (issue 32)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 import time
@@ -13,7 +14,8 @@ import pytest
 
 from inference.errors import ErrorCode, ServiceError
 from inference.idempotency import MemoryStore, answer_size
-from inference.idempotency_stores import S3Backend, SharedStore, VolumeBackend, store_from_settings
+from inference.idempotency_backends import S3Backend, VolumeBackend
+from inference.idempotency_stores import SharedStore, store_from_settings
 from inference.settings import Settings
 from tests.servers import S3Server
 from tests.test_idempotency import OTHER, REQUEST, answer
@@ -127,6 +129,59 @@ def test_a_rendering_workers_lease_is_renewed_past_its_length(backend):
     assert not waiting.first
     one.keep(first, answer("aaaa"))
     assert waiting.outcome.result(timeout=10) == answer("aaaa")
+
+
+class TakenOverAfterRead:
+    """The backend as a stalled worker sees it: right after its read, another worker takes the key over."""
+
+    def __init__(self, backend, take_over):
+        self.backend, self.take_over = backend, take_over
+
+    def read_versioned(self, name):
+        found = self.backend.read_versioned(name)
+        self.take_over()
+        return found
+
+    def __getattr__(self, attribute):
+        return getattr(self.backend, attribute)
+
+
+def stalled_past_its_lease(backend, lease_s: float = 0.3):
+    """A worker holding "k" whose poller stopped (a stall), its lease run out."""
+    stalled = worker(backend, lease_s=lease_s)
+    claim = stalled.claim("k", REQUEST)
+    stalled.close()
+    time.sleep(lease_s + 0.1)
+    return stalled, claim
+
+
+def test_a_stalled_workers_renewal_never_overwrites_the_claim_taken_over_between_its_read_and_write(backend, caplog):
+    stalled, _ = stalled_past_its_lease(backend)
+    taker = worker(backend)
+    taken: list = []
+    stalled.backend = TakenOverAfterRead(backend, lambda: taken or taken.append(taker.claim("k", REQUEST)))
+    stalled._renew()
+    assert taken[0].first
+    record = backend.read(hashlib.sha256(b"k").hexdigest())
+    assert json.loads(record.partition(b"\n")[0])["owner"] == taker.owner
+    assert "was taken over while this worker rendered it" in caplog.text
+    stalled._renew()  # told once: the lost lease is not renewed again
+    assert caplog.text.count("was taken over") == 1
+    taker.keep(taken[0], answer("bbbb"))
+    assert worker(backend).claim("k", REQUEST).outcome.result(timeout=0) == answer("bbbb")
+
+
+def test_a_stalled_workers_drop_never_deletes_the_claim_taken_over_between_its_read_and_delete(backend):
+    stalled, claim = stalled_past_its_lease(backend)
+    taker = worker(backend)
+    taken: list = []
+    stalled.backend = TakenOverAfterRead(backend, lambda: taken or taken.append(taker.claim("k", REQUEST)))
+    stalled.drop(claim)
+    assert taken[0].first
+    waiting = worker(backend).claim("k", REQUEST)
+    assert not waiting.first  # the taker's claim is still there
+    taker.keep(taken[0], answer("bbbb"))
+    assert waiting.outcome.result(timeout=10) == answer("bbbb")
 
 
 @pytest.mark.parametrize("key", HOSTILE_KEYS)
