@@ -13,6 +13,15 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).with_name("static")
+# The page keeps the API key in sessionStorage: no script but its own may run, and it talks to this
+# service only. Images may come from anywhere (a reference given by URL) or be data: URIs (results).
+PAGE_HEADERS = {
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data: blob: https: http:; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+}
 
 
 def add_check_page(app: FastAPI) -> None:
@@ -21,4 +30,4 @@ def add_check_page(app: FastAPI) -> None:
 
     @app.get("/", include_in_schema=False)
     async def check_page() -> FileResponse:
-        return FileResponse(STATIC_DIR / "index.html")
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)

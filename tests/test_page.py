@@ -55,6 +55,7 @@ def browser(tmp_path_factory):
         options.add_argument(arg)
     options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
                                               "download.prompt_for_download": False})
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console: policy violations
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.downloads = downloads
     yield driver
@@ -270,9 +271,21 @@ def test_api_key_is_asked_for_checked_and_kept_in_session_storage_only(browser, 
     assert by_testid(browser, "api-key").get_attribute("value") == API_KEY
 
 
+@pytest.fixture(autouse=True)
+def no_policy_violation(request):
+    """Every browser test also proves the page's Content-Security-Policy blocked nothing it needs."""
+    yield
+    if "browser" in request.fixturenames:
+        console = request.getfixturevalue("browser").get_log("browser")
+        assert not [line for line in console if "Content Security Policy" in line["message"]]
+
+
 def test_page_and_its_assets_are_served_without_external_references(service_url):
     page = httpx.get(f"{service_url}/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "script-src 'self'" in policy and "connect-src 'self'" in policy
+    assert page.headers["x-content-type-options"] == "nosniff"
     assert re.findall(r'(?:src|href)="([^"]*)"', page.text) == ["data:,", "static/check.css", "static/check.js", "#"]
     script, style = (httpx.get(f"{service_url}/static/{name}") for name in ("check.js", "check.css"))
     assert script.status_code == style.status_code == 200
