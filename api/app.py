@@ -67,7 +67,7 @@ def create_app(settings: Settings | None = None, service=None, grace_s: float | 
     # check page, which keeps the API key in sessionStorage. /openapi.json stays.
     app = FastAPI(title="sdxl-lora-service", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="SDXL + LoRA character reference images. Errors: `{error: {code, message}}`.")
-    app.state.service_state = admission
+    app.state.admission = admission
     app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
     app.add_middleware(RequestLog, metrics=metrics)  # outermost: sees every answer, BodyLimit's too
     _add_error_handlers(app, admission)

@@ -122,7 +122,7 @@ def test_readyz_says_why_the_pipeline_failed_and_that_it_drains_in_the_envelope(
             assert time.monotonic() < deadline, response.text
             time.sleep(0.05)
         assert "no such model" in assert_envelope(response, "internal", 503)["message"]
-        app.state.service_state.begin_drain()
+        app.state.admission.begin_drain()
         assert assert_envelope(httpx.get(f"{url}/readyz"), "busy", 503)["message"] == "shutting down"
 
 

@@ -194,7 +194,7 @@ def server(tmp_path_factory, tiny_model):
     app = create_app(settings, service=GatedService(settings))
     with LiveServer(app) as base:
         wait_ready(base)
-        yield base, app.state.service_state
+        yield base, app.state.admission
 
 
 def body(files, prompt: str = "a character portrait", **extra) -> dict:
