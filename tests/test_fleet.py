@@ -5,6 +5,7 @@ at a time; c2 holds two (RUNPOD_CONCURRENCY=2), checked against w1's images."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -30,7 +31,7 @@ class Worker:
         self.log = log_dir / f"{name}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "handler"], env=env, cwd=ROOT,
-                                         stdout=out, stderr=subprocess.STDOUT)
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -41,10 +42,15 @@ class Worker:
     def replayed(self, job_id: str) -> bool:
         return f"job {job_id!r} answered from the idempotency store" in self.text()
 
+    def kill(self) -> None:
+        """As RunPod stops a container: the worker and the SDK's heartbeat process with it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
+            self.kill()
 
 
 class Fleet:
@@ -137,8 +143,7 @@ def test_a_killed_workers_key_is_rendered_by_the_next_within_its_lease(fleet):
     slow = generate(num_inference_steps=40, idempotency_key="killed-mid-render")
     job_id = fleet.standin.submit(slow, victim.name)
     fleet.standin.wait_for_progress(job_id, "generate")
-    victim.proc.send_signal(signal.SIGKILL)
-    victim.proc.wait(30)
+    victim.kill()
     killed_at = time.monotonic()
     assert fleet.standin.requeue_unfinished(victim.name) == [job_id]  # RunPod's retry, on whichever worker
 
@@ -150,6 +155,31 @@ def test_a_killed_workers_key_is_rendered_by_the_next_within_its_lease(fleet):
     taker = next(w for w in fleet.workers if w.name == fleet.standin.taken[job_id])
     assert taker.rendered(job_id) and "taken over" in taker.text()
     assert survivor.proc.poll() is None
+
+
+def process_status(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, KeyError):
+            if entry.name.isdigit() and process_status(int(entry.name))["PPid"] == str(pid):
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc (Linux)")
+def test_the_sdks_heartbeat_is_a_fresh_interpreter_not_a_copy_of_the_worker(fleet):
+    worker = fleet.workers[0]
+    spawned = [pid for pid in children(worker.proc.pid)
+               if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(spawned) == 1, "the runpod SDK's heartbeat process is not spawned"
+    rss_kb = {pid: int(process_status(pid)["VmRSS"].split()[0]) for pid in (worker.proc.pid, spawned[0])}
+    assert rss_kb[spawned[0]] < 150_000 < rss_kb[worker.proc.pid]  # no torch, no model: a ping sender
+    # A forked heartbeat would hold (a copy-on-write snapshot of) the worker's whole memory.
 
 
 def test_sigterm_with_a_job_in_hand_answers_it_before_the_worker_exits(fleet):

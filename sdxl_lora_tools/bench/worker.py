@@ -18,7 +18,9 @@ started afresh with an empty LoRA cache.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -88,14 +90,15 @@ def run_stream(model: Path, concurrency: int, inputs: list[dict], work: Path) ->
                    SDXL_LORA_LORA_CACHE_DIR=tempfile.mkdtemp(prefix="cache-", dir=work))
         with open(work / f"worker-c{concurrency}.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "handler"], env=env, cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT)
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             standin.wait_for_worker("bench", timeout=600, alive=lambda: proc.poll() is None)
             queued = time.monotonic()
             ids = [standin.submit(job_input) for job_input in inputs]
             results = [standin.result(job_id, timeout=1800) for job_id in ids]
-        finally:
-            proc.kill()
+        finally:  # the worker and the SDK's heartbeat process, as RunPod stops a container
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
     failed = [r["error"] for r in results if "error" in r]
     if failed:
