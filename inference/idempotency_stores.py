@@ -247,12 +247,14 @@ class SharedStore(IdempotencyStore):
                    if now - renewed >= self.lease_s / 3]
         for name, body in due:
             with self._io:
-                if name in self._renewed and not self._renewed_in_place(name, body):
+                if name not in self._renewed:
+                    continue  # kept or dropped meanwhile
+                if self._renewed_in_place(name, body):
+                    self._renewed[name] = now
+                else:
                     log.warning("idempotency record %s… was taken over while this worker rendered it: "
                                 "its lease is no longer renewed", name[:12])
-                    self._renewed.pop(name, None)  # local repeats still wait on this render
-                elif name in self._renewed:
-                    self._renewed[name] = now
+                    del self._renewed[name]  # local repeats still wait on this render
 
     def _renewed_in_place(self, name: str, body: str) -> bool:
         """Write a new lease over this worker's record, unless another worker's claim replaced it."""

@@ -8,14 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from sdxl_lora_tools.bench.runpod_standin import RunPodStandIn
+from sdxl_lora_tools.bench.runpod_standin import RunPodStandIn, kill_worker, start_worker
 from tests.servers import DUMMY_AWS_ENV, FileServer, S3Server, slow_ok
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +28,7 @@ class Worker:
         self.name = name
         self.log = log_dir / f"{name}.log"
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "handler"], env=env, cwd=ROOT,
-                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = start_worker(env, out)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -42,15 +39,9 @@ class Worker:
     def replayed(self, job_id: str) -> bool:
         return f"job {job_id!r} answered from the idempotency store" in self.text()
 
-    def kill(self) -> None:
-        """As RunPod stops a container: the worker and the SDK's heartbeat process with it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(30)
-
     def stop(self) -> None:
         if self.proc.poll() is None:
-            self.kill()
+            kill_worker(self.proc)
 
 
 class Fleet:
@@ -143,7 +134,7 @@ def test_a_killed_workers_key_is_rendered_by_the_next_within_its_lease(fleet):
     slow = generate(num_inference_steps=40, idempotency_key="killed-mid-render")
     job_id = fleet.standin.submit(slow, victim.name)
     fleet.standin.wait_for_progress(job_id, "generate")
-    victim.kill()
+    kill_worker(victim.proc)
     killed_at = time.monotonic()
     assert fleet.standin.requeue_unfinished(victim.name) == [job_id]  # RunPod's retry, on whichever worker
 

@@ -9,16 +9,24 @@ Routes, as the SDK (runpod 1.12) calls them:
                                             (`"status": "IN_PROGRESS"`, from runpod.serverless.progress_update)
 - GET  /ping/<worker>?job_id=...            the heartbeat
 A job may be addressed to one worker (RunPod hands a job to whichever worker is free; tests pick).
+`start_worker` and `kill_worker` run one `python -m handler` against it, stopped as RunPod stops a
+container.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO
 from urllib.parse import parse_qs, urlsplit
 
 HOLD_S = 0.5  # how long an empty job-take or job-stop poll is held open
@@ -200,3 +208,20 @@ class RunPodStandIn:
                 self.wfile.write(data)
 
         return Handler
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_worker(env: dict[str, str], log: IO[bytes]) -> subprocess.Popen:
+    """`python -m handler` in a session of its own, so that `kill_worker` takes the SDK's heartbeat
+    process (a child of the worker) with it."""
+    return subprocess.Popen([sys.executable, "-m", "handler"], env=env, cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_worker(proc: subprocess.Popen) -> None:
+    """As RunPod stops a container: the worker and every process it started."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)

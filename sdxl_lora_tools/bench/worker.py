@@ -18,11 +18,7 @@ started afresh with an empty LoRA cache.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from sdxl_lora_tools.bench.common import emit_json, machine, percentile, print_table, synthetic_model
-from sdxl_lora_tools.bench.runpod_standin import RunPodStandIn
+from sdxl_lora_tools.bench.runpod_standin import RunPodStandIn, kill_worker, start_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ("fetch", "adapter", "inference", "encode")
@@ -89,17 +85,14 @@ def run_stream(model: Path, concurrency: int, inputs: list[dict], work: Path) ->
                    SDXL_LORA_IDEMPOTENCY_STORE="memory",
                    SDXL_LORA_LORA_CACHE_DIR=tempfile.mkdtemp(prefix="cache-", dir=work))
         with open(work / f"worker-c{concurrency}.log", "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "handler"], env=env, cwd=ROOT, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = start_worker(env, log)
         try:
             standin.wait_for_worker("bench", timeout=600, alive=lambda: proc.poll() is None)
             queued = time.monotonic()
             ids = [standin.submit(job_input) for job_input in inputs]
             results = [standin.result(job_id, timeout=1800) for job_id in ids]
-        finally:  # the worker and the SDK's heartbeat process, as RunPod stops a container
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(30)
+        finally:
+            kill_worker(proc)
     failed = [r["error"] for r in results if "error" in r]
     if failed:
         raise RuntimeError(f"{len(failed)} job(s) failed, e.g. {failed[0]}")
