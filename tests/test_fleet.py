@@ -232,6 +232,21 @@ def test_at_concurrency_2_the_next_jobs_download_overlaps_this_render(fleet, pai
     assert alone["output"]["images"] == answers[1]["output"]["images"]
 
 
+def test_at_concurrency_2_a_timed_out_job_leaves_the_other_intact(fleet):
+    standin, reference = fleet.standin, fleet.workers[0]
+    [worker] = fleet.start("t2", extra_env={"SDXL_LORA_RUNPOD_CONCURRENCY": "2", "SDXL_LORA_REQUEST_TIMEOUT_S": "6"})
+    slow = standin.submit(generate(num_inference_steps=100, width=512, height=512, seed=2), worker.name)
+    standin.wait_for_progress(slow, "generate")
+    time.sleep(3.0)  # the other job is taken late enough that its own 6 s outlast the slow one's
+    other = generate(seed=6, prompt="the other job")
+    kept = standin.submit(other, worker.name)
+    assert "timeout" in standin.result(slow)["error"]
+    answer = standin.result(kept)
+    _, alone = fleet.run(other, reference)
+    assert answer["output"]["images"] == alone["output"]["images"]
+    assert worker.proc.poll() is None
+
+
 def test_at_concurrency_2_a_stopped_job_leaves_the_other_intact_and_sigterm_drains_both(fleet, pairs):
     standin, reference, pair = fleet.standin, fleet.workers[0], pairs()
     other = generate(seed=6, prompt="the other job")
